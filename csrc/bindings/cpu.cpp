@@ -1,0 +1,100 @@
+// The only CPU source that includes torch: checks tensors, converts them to contiguous
+// float32, calls the plain launchers of csrc/cpu, and exposes them to Python.
+#include <torch/extension.h>
+
+#include "cpu/max_align.h"
+#include "cpu/scan_align.h"
+
+namespace {
+
+using hatkernels::cpu::Problem;
+
+struct Prepared {
+  torch::Tensor images, texts, image_lengths, text_lengths;
+  Problem problem;
+};
+
+Prepared prepare(const torch::Tensor& images, const torch::Tensor& texts,
+                 const torch::Tensor& image_lengths, const torch::Tensor& text_lengths,
+                 int64_t direction, bool mean) {
+  TORCH_CHECK(images.device().is_cpu() && texts.device().is_cpu(), "hatkernels cpu: CPU tensors expected");
+  TORCH_CHECK(images.dim() == 3 && texts.dim() == 3, "hatkernels cpu: images/texts must be 3-D");
+  TORCH_CHECK(images.size(2) == texts.size(2), "hatkernels cpu: feature sizes differ");
+  TORCH_CHECK(image_lengths.numel() == images.size(0) && text_lengths.numel() == texts.size(0),
+              "hatkernels cpu: lengths do not match the batch sizes");
+  TORCH_CHECK(direction >= 0 && direction <= 2, "hatkernels cpu: bad direction code");
+  Prepared p;
+  p.images = images.to(torch::kFloat32).contiguous();
+  p.texts = texts.to(torch::kFloat32).contiguous();
+  p.image_lengths = image_lengths.to(torch::kInt64).contiguous();
+  p.text_lengths = text_lengths.to(torch::kInt64).contiguous();
+  p.problem = Problem{p.images.data_ptr<float>(),
+                      p.texts.data_ptr<float>(),
+                      p.image_lengths.data_ptr<int64_t>(),
+                      p.text_lengths.data_ptr<int64_t>(),
+                      p.images.size(0),
+                      p.images.size(1),
+                      p.texts.size(0),
+                      p.texts.size(1),
+                      p.images.size(2),
+                      static_cast<int>(direction),
+                      mean};
+  return p;
+}
+
+torch::Tensor max_align_forward(const torch::Tensor& images, const torch::Tensor& texts,
+                                const torch::Tensor& image_lengths,
+                                const torch::Tensor& text_lengths, int64_t direction, bool mean) {
+  auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
+  auto out = torch::empty({images.size(0), texts.size(0)}, images.options().dtype(torch::kFloat32));
+  hatkernels::cpu::max_align_forward(p.problem, out.data_ptr<float>());
+  return out;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> max_align_backward(
+    const torch::Tensor& grad, const torch::Tensor& images, const torch::Tensor& texts,
+    const torch::Tensor& image_lengths, const torch::Tensor& text_lengths, int64_t direction,
+    bool mean) {
+  auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
+  auto g = grad.to(torch::kFloat32).contiguous();
+  auto gi = torch::empty_like(p.images);
+  auto gt = torch::empty_like(p.texts);
+  hatkernels::cpu::max_align_backward(p.problem, g.data_ptr<float>(), gi.data_ptr<float>(),
+                                      gt.data_ptr<float>());
+  return {gi.to(images.scalar_type()), gt.to(texts.scalar_type())};
+}
+
+torch::Tensor scan_align_forward(const torch::Tensor& images, const torch::Tensor& texts,
+                                 const torch::Tensor& image_lengths,
+                                 const torch::Tensor& text_lengths, int64_t direction, bool mean,
+                                 double lambda_softmax) {
+  auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
+  auto out = torch::empty({images.size(0), texts.size(0)}, images.options().dtype(torch::kFloat32));
+  hatkernels::cpu::scan_align_forward(p.problem, static_cast<float>(lambda_softmax),
+                                      out.data_ptr<float>());
+  return out;
+}
+
+std::tuple<torch::Tensor, torch::Tensor> scan_align_backward(
+    const torch::Tensor& grad, const torch::Tensor& images, const torch::Tensor& texts,
+    const torch::Tensor& image_lengths, const torch::Tensor& text_lengths, int64_t direction,
+    bool mean, double lambda_softmax) {
+  auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
+  auto g = grad.to(torch::kFloat32).contiguous();
+  auto gi = torch::empty_like(p.images);
+  auto gt = torch::empty_like(p.texts);
+  hatkernels::cpu::scan_align_backward(p.problem, static_cast<float>(lambda_softmax),
+                                       g.data_ptr<float>(), gi.data_ptr<float>(),
+                                       gt.data_ptr<float>());
+  return {gi.to(images.scalar_type()), gt.to(texts.scalar_type())};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "hatkernels fused CPU kernels (max and scan alignment)";
+  m.def("max_align_forward", &max_align_forward);
+  m.def("max_align_backward", &max_align_backward);
+  m.def("scan_align_forward", &scan_align_forward);
+  m.def("scan_align_backward", &scan_align_backward);
+}
