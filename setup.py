@@ -70,7 +70,7 @@ def _extensions():
 
     debug = _flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-std=c++17", "-fopenmp", "-march=native", "-ffp-contract=off"]
+    cxx = [*opt, "-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=off"]
     extensions = []
     if not _flag("HATKERNELS_SKIP_CPU_BUILD"):
         sources = _sources("csrc/cpu/*.cpp", "csrc/bindings/cpu.cpp")
@@ -98,7 +98,7 @@ def _extensions():
         )
         nvcc = [
             *opt,
-            "-std=c++17",
+            "-std=c++20",
             "--expt-relaxed-constexpr",
             "-lineinfo",
             *_cuda_arch_flags(),
@@ -109,7 +109,7 @@ def _extensions():
                 "hatkernels._C_cuda",
                 _sources("csrc/cuda/*.cu", "csrc/bindings/cuda.cpp"),
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": [*opt, "-std=c++17"], "nvcc": nvcc},
+                extra_compile_args={"cxx": [*opt, "-std=c++20"], "nvcc": nvcc},
             )
         )
     return extensions, {"build_ext": BuildExtension.with_options(use_ninja=True)}

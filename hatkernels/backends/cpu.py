@@ -3,12 +3,13 @@ whole captions, GEMM-sized tiles of packed valid tokens pooled while in cache.""
 
 from __future__ import annotations
 
+import importlib
 from .base import Backend
 
 DIRECTION_CODES = {"t2i": 0, "i2t": 1, "both": 2}
 
 try:
-    from hatkernels import _C_cpu as _ext
+    _ext = importlib.import_module("hatkernels._C_cpu")
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:  # the package still works on the torch backend

@@ -4,13 +4,14 @@ missing or cannot serve the call."""
 
 from __future__ import annotations
 
+import importlib
 import torch
 
 from .base import Backend
 from .cpu import DIRECTION_CODES
 
 try:
-    from hatkernels import _C_cuda as _ext
+    _ext = importlib.import_module("hatkernels._C_cuda")
 
     LOAD_ERROR: str | None = None
 except ImportError as exc:
