@@ -1,0 +1,98 @@
+// Shared chores of the fused CPU max-pooling kernel: packing valid tokens, grouping whole
+// items into tiles, checking lengths, keeping the BLAS single-threaded inside our threads.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// MKL (statically inside libtorch_cpu) would otherwise decide its own thread count; weak so
+// that a BLAS without it still links and loads.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace hatkernels::cpu::max_tiles {
+
+// The valid tokens of one side, contiguous: item b's tokens are rows [off[b], off[b + 1]).
+struct Packed {
+  std::unique_ptr<float[]> data;
+  std::vector<int64_t> off;     // size items + 1
+  std::vector<int32_t> owner;   // packed row -> item
+  int64_t rows = 0;
+};
+
+inline void check_lengths(const int64_t* len, int64_t items, int64_t max_len, const char* name) {
+  for (int64_t b = 0; b < items; ++b) {
+    if (len[b] < 1 || len[b] > max_len) {
+      throw std::invalid_argument(std::string(name) + "[" + std::to_string(b) + "] = " +
+                                  std::to_string(len[b]) + " outside [1, " +
+                                  std::to_string(max_len) + "]");
+    }
+  }
+}
+
+// Copies the first len[b] rows of every item of x [items, max_len, d]; padding is never read.
+inline Packed pack_valid(const float* x, const int64_t* len, int64_t items, int64_t max_len,
+                         int64_t d) {
+  Packed p;
+  p.off.resize(items + 1);
+  p.off[0] = 0;
+  for (int64_t b = 0; b < items; ++b) p.off[b + 1] = p.off[b] + len[b];
+  p.rows = p.off[items];
+  p.data.reset(new float[std::max<int64_t>(p.rows * d, 1)]);
+  p.owner.resize(p.rows);
+  float* dst = p.data.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < items; ++b) {
+    std::memcpy(dst + p.off[b] * d, x + b * max_len * d, sizeof(float) * len[b] * d);
+    for (int64_t r = p.off[b]; r < p.off[b + 1]; ++r) p.owner[r] = static_cast<int32_t>(b);
+  }
+  return p;
+}
+
+// Consecutive items whose tokens add up to at most `target` rows (always at least one item):
+// returns the item boundaries g[0] = 0 < g[1] < ... = items.
+inline std::vector<int64_t> group_items(const std::vector<int64_t>& off, int64_t target) {
+  const int64_t items = static_cast<int64_t>(off.size()) - 1;
+  std::vector<int64_t> g{0};
+  for (int64_t b = 0; b < items;) {
+    int64_t e = b + 1;
+    while (e < items && off[e + 1] - off[b] <= target) ++e;
+    g.push_back(e);
+    b = e;
+  }
+  return g;
+}
+
+// The most rows any group holds (sizes the per-thread buffers).
+inline int64_t max_group_rows(const std::vector<int64_t>& g, const std::vector<int64_t>& off) {
+  int64_t most = 0;
+  for (size_t k = 0; k + 1 < g.size(); ++k) most = std::max(most, off[g[k + 1]] - off[g[k]]);
+  return most;
+}
+
+// Held by every thread of a parallel region: one BLAS thread per OpenMP thread. Restores the
+// thread's previous setting (0: the global one) on exit, since torch reuses these threads.
+class SingleThreadedBlas {
+ public:
+  SingleThreadedBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
+  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
+// An uninitialised float buffer for per-thread scratch (reused across tiles).
+inline std::unique_ptr<float[]> scratch(int64_t n) {
+  return std::unique_ptr<float[]>(new float[std::max<int64_t>(n, 1)]);
+}
+
+}  // namespace hatkernels::cpu::max_tiles
