@@ -52,6 +52,11 @@ def _as_lengths(x: LengthsArg, levels: list[Tensor], name: str) -> list[Tensor]:
         per_level = [x] * n_levels
     elif isinstance(x, Sequence) and not isinstance(x, str):
         per_level = list(x)
+        if any(not (e is None or isinstance(e, Tensor)) for e in per_level):
+            raise TypeError(
+                f"{name}: a sequence must hold one integer tensor (or None) per level; for "
+                "per-item lengths pass one tensor, e.g. torch.tensor([...])"
+            )
         if len(per_level) != n_levels:
             raise ValueError(f"{name}: expected {n_levels} entries (one per level), got {len(per_level)}")
     else:

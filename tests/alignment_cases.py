@@ -1,0 +1,133 @@
+"""Shared checks for the per-operator tests: random ragged inputs with NaN padding, a float64
+reference (``hatkernels.reference``, the naive way), and the SPEC 1.4 tolerances."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import hatkernels
+from hatkernels import hier_align
+from hatkernels.reference import naive_hier_align
+
+# SPEC 1.4: relative Frobenius error of scores and of gradients, by input dtype.
+TOLERANCE = {
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-2, 2e-2),
+    torch.bfloat16: (1e-2, 2e-2),
+}
+SETTINGS = [(d, r) for d in ("t2i", "i2t", "both") for r in ("mean", "sum")]
+
+
+def cpu_backends() -> list[str]:
+    """Backends that run on CPU tensors here: torch, the fused cpu one, triton if interpreted."""
+    return hatkernels.available_backends("cpu")
+
+
+def backend_params() -> list:
+    names = ["torch", "cpu", "triton"]
+    available = cpu_backends()
+    params = []
+    for name in names:
+        marks = []
+        if name not in available:
+            reasons = hatkernels.dispatch.not_supported_reasons(
+                torch.device("cpu"), torch.float32, ()
+            )[name]
+            marks.append(pytest.mark.skip(reason=f"{name}: {'; '.join(reasons)}"))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@dataclass
+class Case:
+    images: list[torch.Tensor]  # float64, NaN in padding
+    texts: list[torch.Tensor]
+    image_lengths: list[torch.Tensor]
+    text_lengths: list[torch.Tensor]
+
+
+def make_case(
+    seed: int,
+    n_images: int,
+    n_texts: int,
+    levels: list[tuple[int, int, int]],
+    normalise: bool = True,
+) -> Case:
+    """Random tokens ``levels = [(M, N, D), ...]``, ragged lengths, NaN written in padding."""
+    gen = torch.Generator().manual_seed(seed)
+    case = Case([], [], [], [])
+    for m, n, d in levels:
+        v = torch.randn(n_images, m, d, generator=gen, dtype=torch.float64)
+        t = torch.randn(n_texts, n, d, generator=gen, dtype=torch.float64)
+        if normalise:
+            v = v / v.norm(dim=-1, keepdim=True)
+            t = t / t.norm(dim=-1, keepdim=True)
+        vl = torch.randint(1, m + 1, (n_images,), generator=gen)
+        tl = torch.randint(1, n + 1, (n_texts,), generator=gen)
+        vl[0], tl[-1] = m, n  # at least one full item each side
+        for i in range(n_images):
+            v[i, vl[i] :] = float("nan")
+        for j in range(n_texts):
+            t[j, tl[j] :] = float("nan")
+        case.images.append(v)
+        case.texts.append(t)
+        case.image_lengths.append(vl)
+        case.text_lengths.append(tl)
+    return case
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
+    """``||out - ref|| / max(||ref||, floor)`` (the floor guards gradients that are exactly
+    zero in exact arithmetic, e.g. scan pooling at D = 1, where float noise is all there is)."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(floor))
+
+
+def zero_padding(x: torch.Tensor) -> torch.Tensor:
+    return torch.nan_to_num(x, nan=0.0)
+
+
+def check_against_reference(
+    case: Case,
+    backend: str,
+    dtype: torch.dtype,
+    *,
+    grads: bool = True,
+    weights: list[float] | None = None,
+    **kwargs,
+) -> None:
+    """Scores and gradients of ``backend`` in ``dtype`` vs the float64 naive reference.
+
+    The reference sees the same (dtype-rounded) inputs, so the error is the kernel's own.
+    """
+    rounded = [x.to(dtype) for x in case.images], [x.to(dtype) for x in case.texts]
+    ref_in = [[x.double().requires_grad_(grads) for x in side] for side in rounded]
+    test_in = [[x.clone().requires_grad_(grads) for x in side] for side in rounded]
+    lengths = dict(image_lengths=case.image_lengths, text_lengths=case.text_lengths)
+    ref = naive_hier_align(*ref_in, case.image_lengths, case.text_lengths, weights=weights,
+                           **kwargs)
+    out = hier_align(*test_in, **lengths, weights=weights, backend=backend, **kwargs)
+    assert out.dtype == torch.float32
+    assert out.shape == ref.shape
+    fwd_tol, grad_tol = TOLERANCE[dtype]
+    assert rel_err(out, ref) <= fwd_tol, f"scores: rel err {rel_err(out, ref):.3g}"
+    if not grads:
+        return
+    cotangent = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7),
+                            dtype=torch.float64)
+    ref_grads = torch.autograd.grad(ref, ref_in[0] + ref_in[1], cotangent)
+    out_grads = torch.autograd.grad(out, test_in[0] + test_in[1], cotangent.float())
+    padded = [~torch.isfinite(x) for x in rounded[0] + rounded[1]]
+    for k, (g, gr, pad) in enumerate(zip(out_grads, ref_grads, padded)):
+        assert g.dtype == dtype and g.shape == gr.shape
+        assert torch.isfinite(g).all(), f"grad {k}: non-finite values"
+        assert bool((g[pad] == 0).all()), f"grad {k}: non-zero gradient on padding"
+        err = rel_err(g, zero_padding(gr), floor=1e-3 * float(cotangent.norm()))
+        assert err <= grad_tol, f"grad {k}: rel err {err:.3g}"
+
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"

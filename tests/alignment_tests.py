@@ -1,0 +1,87 @@
+"""The reference tests every backend of an operator must pass; ``test_max_align.py`` and
+``test_scan_align.py`` instantiate them for their pooling."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from alignment_cases import INTERPRETING, SETTINGS, check_against_reference, make_case
+
+# The Triton interpreter runs kernels in Python: fewer, smaller examples for it.
+EXAMPLES = {"torch": 30, "cpu": 40, "triton": 6}
+# Scan pooling at D = 1 is degenerate (every cosine is +-1, exact gradients vanish and only
+# float noise remains), so its random shapes start at D = 2; one_token_items covers D = 1.
+MIN_DIM = {"max": 1, "scan": 2}
+
+
+def random_shapes(pooling: str, backend: str) -> None:
+    @settings(max_examples=EXAMPLES[backend], deadline=None,
+              suppress_health_check=[HealthCheck.too_slow])
+    @given(
+        seed=st.integers(0, 2**31 - 1),
+        n_images=st.integers(1, 5),
+        n_texts=st.integers(1, 6),
+        levels=st.lists(
+            st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(MIN_DIM[pooling], 40)),
+            min_size=1, max_size=2,
+        ),
+        setting=st.sampled_from(SETTINGS),
+        normalise=st.booleans(),
+    )
+    def run(seed, n_images, n_texts, levels, setting, normalise):
+        direction, reduce = setting
+        case = make_case(seed, n_images, n_texts, levels, normalise=normalise)
+        check_against_reference(case, backend, torch.float32, pooling=pooling,
+                                direction=direction, reduce=reduce)
+
+    run()
+
+
+def tiled_shapes(pooling: str, backend: str, direction: str, reduce: str) -> None:
+    """Enough images and captions for several tiles, realistic token counts."""
+    if backend == "triton" and INTERPRETING:
+        n_images, n_texts, levels = 6, 9, [(20, 12, 32)]
+    else:
+        n_images, n_texts, levels = 37, 53, [(49, 32, 64), (7, 11, 24)]
+    case = make_case(11, n_images, n_texts, levels)
+    check_against_reference(case, backend, torch.float32, pooling=pooling, direction=direction,
+                            reduce=reduce, weights=[1.0, 0.5][: len(levels)])
+
+
+def low_precision(pooling: str, backend: str, dtype: torch.dtype) -> None:
+    case = make_case(5, 4, 5, [(9, 7, 24), (3, 5, 13)])
+    for direction, reduce in (("t2i", "mean"), ("i2t", "sum"), ("both", "mean")):
+        check_against_reference(case, backend, dtype, pooling=pooling, direction=direction,
+                                reduce=reduce)
+
+
+def one_token_items(pooling: str, backend: str) -> None:
+    case = make_case(3, 3, 4, [(1, 1, 5), (4, 3, MIN_DIM[pooling])])
+    for direction, reduce in SETTINGS:
+        check_against_reference(case, backend, torch.float32, pooling=pooling,
+                                direction=direction, reduce=reduce)
+
+
+def padding_never_read(pooling: str, backend: str) -> None:
+    """NaN, Inf or huge values in padding give bit-identical scores and gradients."""
+    from hatkernels import hier_align
+
+    case = make_case(9, 4, 5, [(6, 7, 10)])
+    outs = []
+    for fill in (float("nan"), float("inf"), 1e30):
+        v = case.images[0].float().clone()
+        t = case.texts[0].float().clone()
+        v[~torch.isfinite(v)] = fill
+        t[~torch.isfinite(t)] = fill
+        v.requires_grad_(True)
+        t.requires_grad_(True)
+        out = hier_align(v, t, image_lengths=case.image_lengths[0],
+                         text_lengths=case.text_lengths[0], pooling=pooling, direction="both",
+                         backend=backend)
+        gv, gt = torch.autograd.grad(out.sum(), (v, t))
+        outs.append((out, gv, gt))
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
