@@ -62,3 +62,22 @@ def test_info_reports_every_backend():
     for name in ("torch", "cpu", "triton", "cuda"):
         assert name in text
     assert "torch " in text and "hatkernels" in text
+
+
+def test_import_without_compiled_extension_warns_once_and_falls_back():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['hatkernels._C_cpu'] = None\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import hatkernels, torch\n"
+        "msgs = [str(x.message) for x in w if 'fused CPU backend' in str(x.message)]\n"
+        "assert len(msgs) == 1, msgs\n"
+        "assert 'cpu' not in hatkernels.available_backends('cpu')\n"
+        "out = hatkernels.hier_align(torch.randn(2, 3, 4), torch.randn(3, 5, 4))\n"
+        "assert out.shape == (2, 3)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
