@@ -1,0 +1,93 @@
+"""Shared chores of the Triton kernels: packing valid tokens, dot precision, autotune configs.
+
+Packing: the valid tokens of a ``[B, L, D]`` side are addressed through an int32 list of their
+row indices in the flat ``[B * L, D]`` tensor (item by item, in order), with each token's item
+id and each item's start offset. Kernels gather rows through it, so padding is never loaded
+(it may hold NaN) and never multiplied.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+from torch import Tensor
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors through numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` precision for float32 operands: exact ("ieee") unless the caller opted into
+    TF32 with ``torch.backends.cuda.matmul.allow_tf32``; 16-bit inputs ignore it."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+        return "tf32"
+    return "ieee"
+
+
+def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
+    """The autotune list: every GPU config, or the single small one under the interpreter
+    (autotuning there would time numpy, and small tiles exercise the multi-tile paths)."""
+    return [interpreter] if interpreting() else gpu
+
+
+def next_pow2(n: int, low: int = 16) -> int:
+    return max(low, triton.next_power_of_2(max(1, int(n))))
+
+
+@dataclass
+class Packed:
+    """One side's valid tokens: ``rows`` (int32 row ids into ``x.view(-1, D)``), ``seg`` (int32
+    item id per token), ``offsets`` (int32 ``[B + 1]`` item starts), ``lengths`` (int32 ``[B]``)."""
+
+    x: Tensor
+    rows: Tensor
+    seg: Tensor
+    offsets: Tensor
+    lengths: Tensor
+    total: int
+    min_len: int
+
+    @property
+    def items(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.x.shape[1]
+
+
+def pack(x: Tensor, lengths: Tensor) -> Packed:
+    """Index the valid tokens of ``x`` ``[B, L, D]`` whose item ``b`` has ``lengths[b]`` tokens."""
+    n_items, size = x.shape[0], x.shape[1]
+    valid = torch.arange(size, device=x.device) < lengths[:, None]
+    rows = valid.reshape(-1).nonzero().squeeze(1)
+    offsets = torch.zeros(n_items + 1, dtype=torch.int32, device=x.device)
+    offsets[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+    return Packed(
+        x=x,
+        rows=rows.to(torch.int32),
+        seg=(rows // size).to(torch.int32),
+        offsets=offsets,
+        lengths=lengths.to(torch.int32),
+        total=rows.numel(),
+        min_len=int(lengths.min()),
+    )
+
+
+def items_per_tile(block: int, min_len: int) -> int:
+    """A bound on the items that a run of ``block`` consecutive packed tokens can touch: a
+    partial item at each end, whole items of at least ``min_len`` tokens between."""
+    if block <= 2:
+        return block
+    return next_pow2(min(block, (block - 2) // max(1, min_len) + 2), low=1)
+
+
+def zero_padded_float(x: Tensor, lengths: Tensor) -> Tensor:
+    """A float32 copy of ``x`` with padding zeroed (``where``: NaN there never leaks)."""
+    valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
+    return torch.where(valid[..., None], x.float(), torch.zeros((), device=x.device))
