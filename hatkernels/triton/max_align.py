@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import Packed, dot_precision, items_per_tile, pack, pick_configs
+from .utils import Packed, dot_precision, items_per_tile, mma, pack, pick_configs
 
 _WINNER_BYTES = 256 << 20
 
@@ -62,7 +62,7 @@ def _similarities(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
                     mask=a_mask[:, None] & dmask[None, :], other=0.0)
         b = tl.load(b_ptr + b_rows[None, :] * D + dd[:, None],
                     mask=b_mask[None, :] & dmask[:, None], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        acc = mma(a, b, acc, PRECISION)
     return acc
 
 
@@ -196,7 +196,7 @@ def _grad_query_kernel(
                         k_item_base, cols, cmask, q_item, weight, n_q)
         kt = tl.load(k_ptr + k_rows[:, None] * D + dd[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(p).to(kt.dtype), kt, acc, input_precision=PRECISION)
+        acc = mma(tl.trans(p).to(kt.dtype), kt, acc, PRECISION)
     q_rows = tl.load(q_rows_ptr + cols, mask=cmask, other=0).to(tl.int64)
     where = dq_ptr + q_rows[:, None] * D + dd[None, :]
     both = cmask[:, None] & dmask[None, :]
@@ -233,7 +233,7 @@ def _grad_key_kernel(
         q_rows = tl.load(q_rows_ptr + cols, mask=cmask, other=0).to(tl.int64)
         qt = tl.load(q_ptr + q_rows[:, None] * D + dd[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = tl.dot(p.to(qt.dtype), qt, acc, input_precision=PRECISION)
+        acc = mma(p.to(qt.dtype), qt, acc, PRECISION)
     k_rows = tl.load(k_rows_ptr + ridx, mask=rmask, other=0).to(tl.int64)
     where = dk_ptr + k_rows[:, None] * D + dd[None, :]
     both = rmask[:, None] & dmask[None, :]

@@ -13,12 +13,29 @@ from dataclasses import dataclass
 
 import torch
 import triton
+import triton.language as tl
 from torch import Tensor
 
 
 def interpreting() -> bool:
     """True under ``TRITON_INTERPRET=1`` (kernels run on CPU tensors through numpy)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Whether the kernels run in Triton's interpreter: fixed at import, as ``triton.jit`` does. The
+# interpreter multiplies 16-bit floats through numpy, which has no bfloat16, so operands are
+# widened to float32 there (exact: the GPU's tensor cores form the same products in float32).
+_WIDEN = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def mma(a, b, acc, PRECISION: tl.constexpr):
+    """``acc + a @ b`` with ``tl.dot`` (float32 accumulation)."""
+    if _WIDEN:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
+    else:
+        out = tl.dot(a, b, acc, input_precision=PRECISION)
+    return out
 
 
 def dot_precision(dtype: torch.dtype) -> str:
