@@ -65,7 +65,9 @@ def _extensions():
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
     except ImportError:
-        print("hatkernels: torch not importable at build time; no compiled backends", file=sys.stderr)
+        print(
+            "hatkernels: torch not importable at build time; no compiled backends", file=sys.stderr
+        )
         return [], {}
 
     debug = _flag("DEBUG")

@@ -30,7 +30,9 @@ def _as_levels(x: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
         if not levels:
             raise ValueError(f"{name}: expected a tensor or a non-empty sequence of tensors")
     else:
-        raise TypeError(f"{name}: expected a tensor or a sequence of tensors, got {type(x).__name__}")
+        raise TypeError(
+            f"{name}: expected a tensor or a sequence of tensors, got {type(x).__name__}"
+        )
     for level, t in enumerate(levels):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name}[{level}]: expected a tensor, got {type(t).__name__}")
@@ -58,10 +60,13 @@ def _as_lengths(x: LengthsArg, levels: list[Tensor], name: str) -> list[Tensor]:
                 "per-item lengths pass one tensor, e.g. torch.tensor([...])"
             )
         if len(per_level) != n_levels:
-            raise ValueError(f"{name}: expected {n_levels} entries (one per level), got {len(per_level)}")
+            raise ValueError(
+                f"{name}: expected {n_levels} entries (one per level), got {len(per_level)}"
+            )
     else:
         raise TypeError(
-            f"{name}: expected None, an integer tensor or a sequence of them, got {type(x).__name__}"
+            f"{name}: expected None, an integer tensor or a sequence of them, "
+            f"got {type(x).__name__}"
         )
     out = []
     for level, (lengths, tokens) in enumerate(zip(per_level, levels)):
@@ -71,8 +76,14 @@ def _as_lengths(x: LengthsArg, levels: list[Tensor], name: str) -> list[Tensor]:
             out.append(torch.full((batch,), size, dtype=torch.int64, device=tokens.device))
             continue
         if not isinstance(lengths, Tensor):
-            raise TypeError(f"{where}: expected an integer tensor or None, got {type(lengths).__name__}")
-        if lengths.dtype.is_floating_point or lengths.dtype.is_complex or lengths.dtype == torch.bool:
+            raise TypeError(
+                f"{where}: expected an integer tensor or None, got {type(lengths).__name__}"
+            )
+        if (
+            lengths.dtype.is_floating_point
+            or lengths.dtype.is_complex
+            or lengths.dtype == torch.bool
+        ):
             raise TypeError(f"{where}: expected an integer tensor, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (batch,):
             raise ValueError(f"{where}: expected shape ({batch},), got {tuple(lengths.shape)}")
@@ -91,7 +102,9 @@ def _check_weights(weights: Sequence[float] | None, n_levels: int) -> list[float
     if weights is None:
         return [1.0] * n_levels
     if isinstance(weights, (str, bytes)) or not isinstance(weights, (Sequence, Tensor)):
-        raise TypeError(f"weights: expected a sequence of {n_levels} numbers, got {type(weights).__name__}")
+        raise TypeError(
+            f"weights: expected a sequence of {n_levels} numbers, got {type(weights).__name__}"
+        )
     values = [float(w) for w in (weights.tolist() if isinstance(weights, Tensor) else weights)]
     if len(values) != n_levels:
         raise ValueError(f"weights: expected {n_levels} numbers (one per level), got {len(values)}")
@@ -159,7 +172,9 @@ def hier_align(
     if not math.isfinite(lambda_softmax) or lambda_softmax <= 0:
         raise ValueError(f"lambda_softmax: expected a finite number > 0, got {lambda_softmax}")
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
-        raise TypeError(f"memory_budget: expected an int (bytes), got {type(memory_budget).__name__}")
+        raise TypeError(
+            f"memory_budget: expected an int (bytes), got {type(memory_budget).__name__}"
+        )
     if memory_budget <= 0:
         raise ValueError(f"memory_budget: expected a positive number of bytes, got {memory_budget}")
     level_weights = _check_weights(weights, n_levels)
@@ -168,12 +183,15 @@ def hier_align(
     n_images, n_texts = first.shape[0], text_levels[0].shape[0]
     for level, (v, t) in enumerate(zip(image_levels, text_levels)):
         if v.shape[0] != n_images:
-            raise ValueError(f"images[{level}]: batch {v.shape[0]} differs from level 0's {n_images}")
+            raise ValueError(
+                f"images[{level}]: batch {v.shape[0]} differs from level 0's {n_images}"
+            )
         if t.shape[0] != n_texts:
             raise ValueError(f"texts[{level}]: batch {t.shape[0]} differs from level 0's {n_texts}")
         if v.shape[2] != t.shape[2]:
             raise ValueError(
-                f"texts[{level}]: feature size {t.shape[2]} differs from images[{level}]'s {v.shape[2]}"
+                f"texts[{level}]: feature size {t.shape[2]} differs from "
+                f"images[{level}]'s {v.shape[2]}"
             )
         if v.dtype != first.dtype or t.dtype != first.dtype:
             raise TypeError(

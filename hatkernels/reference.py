@@ -88,8 +88,12 @@ def naive_align(
     dtype = dtype or images.dtype
     vm2 = _mask(image_lengths, images.shape[1])
     tm2 = _mask(text_lengths, texts.shape[1])
-    v = torch.where(vm2[..., None], images.to(dtype), torch.zeros((), dtype=dtype, device=images.device))
-    t = torch.where(tm2[..., None], texts.to(dtype), torch.zeros((), dtype=dtype, device=images.device))
+    v = torch.where(
+        vm2[..., None], images.to(dtype), torch.zeros((), dtype=dtype, device=images.device)
+    )
+    t = torch.where(
+        tm2[..., None], texts.to(dtype), torch.zeros((), dtype=dtype, device=images.device)
+    )
     tm = tm2[None, :, None, :]
     rows = []
     for i0 in range(0, images.shape[0], chunk):

@@ -108,8 +108,9 @@ def check_against_reference(
     ref_in = [[x.double().requires_grad_(grads) for x in side] for side in rounded]
     test_in = [[x.clone().requires_grad_(grads) for x in side] for side in rounded]
     lengths = dict(image_lengths=case.image_lengths, text_lengths=case.text_lengths)
-    ref = naive_hier_align(*ref_in, case.image_lengths, case.text_lengths, weights=weights,
-                           **kwargs)
+    ref = naive_hier_align(
+        *ref_in, case.image_lengths, case.text_lengths, weights=weights, **kwargs
+    )
     out = hier_align(*test_in, **lengths, weights=weights, backend=backend, **kwargs)
     assert out.dtype == torch.float32
     assert out.shape == ref.shape
@@ -117,8 +118,9 @@ def check_against_reference(
     assert rel_err(out, ref) <= fwd_tol, f"scores: rel err {rel_err(out, ref):.3g}"
     if not grads:
         return
-    cotangent = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7),
-                            dtype=torch.float64)
+    cotangent = torch.randn(
+        ref.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64
+    )
     ref_grads = torch.autograd.grad(ref, ref_in[0] + ref_in[1], cotangent)
     out_grads = torch.autograd.grad(out, test_in[0] + test_in[1], cotangent.float())
     padded = [~torch.isfinite(x) for x in rounded[0] + rounded[1]]

@@ -17,15 +17,17 @@ MIN_DIM = {"max": 1, "scan": 2}
 
 
 def random_shapes(pooling: str, backend: str) -> None:
-    @settings(max_examples=EXAMPLES[backend], deadline=None,
-              suppress_health_check=[HealthCheck.too_slow])
+    @settings(
+        max_examples=EXAMPLES[backend], deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
     @given(
         seed=st.integers(0, 2**31 - 1),
         n_images=st.integers(1, 5),
         n_texts=st.integers(1, 6),
         levels=st.lists(
             st.tuples(st.integers(1, 9), st.integers(1, 9), st.integers(MIN_DIM[pooling], 40)),
-            min_size=1, max_size=2,
+            min_size=1,
+            max_size=2,
         ),
         setting=st.sampled_from(SETTINGS),
         normalise=st.booleans(),
@@ -33,8 +35,9 @@ def random_shapes(pooling: str, backend: str) -> None:
     def run(seed, n_images, n_texts, levels, setting, normalise):
         direction, reduce = setting
         case = make_case(seed, n_images, n_texts, levels, normalise=normalise)
-        check_against_reference(case, backend, torch.float32, pooling=pooling,
-                                direction=direction, reduce=reduce)
+        check_against_reference(
+            case, backend, torch.float32, pooling=pooling, direction=direction, reduce=reduce
+        )
 
     run()
 
@@ -46,22 +49,31 @@ def tiled_shapes(pooling: str, backend: str, direction: str, reduce: str) -> Non
     else:
         n_images, n_texts, levels = 37, 53, [(49, 32, 64), (7, 11, 24)]
     case = make_case(11, n_images, n_texts, levels)
-    check_against_reference(case, backend, torch.float32, pooling=pooling, direction=direction,
-                            reduce=reduce, weights=[1.0, 0.5][: len(levels)])
+    check_against_reference(
+        case,
+        backend,
+        torch.float32,
+        pooling=pooling,
+        direction=direction,
+        reduce=reduce,
+        weights=[1.0, 0.5][: len(levels)],
+    )
 
 
 def low_precision(pooling: str, backend: str, dtype: torch.dtype) -> None:
     case = make_case(5, 4, 5, [(9, 7, 24), (3, 5, 13)])
     for direction, reduce in (("t2i", "mean"), ("i2t", "sum"), ("both", "mean")):
-        check_against_reference(case, backend, dtype, pooling=pooling, direction=direction,
-                                reduce=reduce)
+        check_against_reference(
+            case, backend, dtype, pooling=pooling, direction=direction, reduce=reduce
+        )
 
 
 def one_token_items(pooling: str, backend: str) -> None:
     case = make_case(3, 3, 4, [(1, 1, 5), (4, 3, MIN_DIM[pooling])])
     for direction, reduce in SETTINGS:
-        check_against_reference(case, backend, torch.float32, pooling=pooling,
-                                direction=direction, reduce=reduce)
+        check_against_reference(
+            case, backend, torch.float32, pooling=pooling, direction=direction, reduce=reduce
+        )
 
 
 def padding_never_read(pooling: str, backend: str) -> None:
@@ -77,9 +89,15 @@ def padding_never_read(pooling: str, backend: str) -> None:
         t[~torch.isfinite(t)] = fill
         v.requires_grad_(True)
         t.requires_grad_(True)
-        out = hier_align(v, t, image_lengths=case.image_lengths[0],
-                         text_lengths=case.text_lengths[0], pooling=pooling, direction="both",
-                         backend=backend)
+        out = hier_align(
+            v,
+            t,
+            image_lengths=case.image_lengths[0],
+            text_lengths=case.text_lengths[0],
+            pooling=pooling,
+            direction="both",
+            backend=backend,
+        )
         gv, gt = torch.autograd.grad(out.sum(), (v, t))
         outs.append((out, gv, gt))
     for other in outs[1:]:

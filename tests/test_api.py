@@ -59,8 +59,12 @@ def test_bad_arguments_name_the_argument(kwargs, error, name):
         ("images", torch.randn(4, 6, 8), TypeError, "images"),
         ([], torch.randn(4, 6, 8), ValueError, "images"),
         ([torch.randn(3, 5, 8)], [torch.randn(4, 6, 8)] * 2, ValueError, "texts"),
-        ([torch.randn(3, 5, 8), torch.randn(2, 5, 8)], [torch.randn(4, 6, 8)] * 2, ValueError,
-         "images"),
+        (
+            [torch.randn(3, 5, 8), torch.randn(2, 5, 8)],
+            [torch.randn(4, 6, 8)] * 2,
+            ValueError,
+            "images",
+        ),
         ([torch.randn(3, 5, 8), [1]], [torch.randn(4, 6, 8)] * 2, TypeError, "images"),
         (torch.randn(3, 0, 8), torch.randn(4, 6, 8), ValueError, "images"),
     ],
@@ -93,10 +97,16 @@ def test_lengths_forms_agree():
     images = [x.float() for x in case.images]
     texts = [torch.nan_to_num(x.float()) for x in case.texts]
     vl = case.image_lengths[0]
-    shared = hier_align([torch.nan_to_num(x) for x in images], texts, image_lengths=vl,
-                        backend="torch")
-    per_level = hier_align([torch.nan_to_num(x) for x in images], texts,
-                           image_lengths=[vl, vl], text_lengths=[None, None], backend="torch")
+    shared = hier_align(
+        [torch.nan_to_num(x) for x in images], texts, image_lengths=vl, backend="torch"
+    )
+    per_level = hier_align(
+        [torch.nan_to_num(x) for x in images],
+        texts,
+        image_lengths=[vl, vl],
+        text_lengths=[None, None],
+        backend="torch",
+    )
     assert torch.equal(shared, per_level)
 
 
@@ -106,10 +116,20 @@ def test_levels_and_weights_sum():
     texts = [x.float() for x in case.texts]
     lengths = dict(image_lengths=case.image_lengths, text_lengths=case.text_lengths)
     both = hier_align(images, texts, weights=[0.5, 2.0], backend="torch", **lengths)
-    first = hier_align(images[0], texts[0], image_lengths=case.image_lengths[0],
-                       text_lengths=case.text_lengths[0], backend="torch")
-    second = hier_align(images[1], texts[1], image_lengths=case.image_lengths[1],
-                        text_lengths=case.text_lengths[1], backend="torch")
+    first = hier_align(
+        images[0],
+        texts[0],
+        image_lengths=case.image_lengths[0],
+        text_lengths=case.text_lengths[0],
+        backend="torch",
+    )
+    second = hier_align(
+        images[1],
+        texts[1],
+        image_lengths=case.image_lengths[1],
+        text_lengths=case.text_lengths[1],
+        backend="torch",
+    )
     torch.testing.assert_close(both, 0.5 * first + 2.0 * second)
 
 
@@ -118,10 +138,17 @@ def test_float64_runs_on_torch_backend_and_gradchecks():
     v = torch.nan_to_num(case.images[0]).requires_grad_(True)
     t = torch.nan_to_num(case.texts[0]).requires_grad_(True)
     for pooling in ("max", "scan"):
+
         def f(v, t, pooling=pooling):
-            return hier_align(v, t, image_lengths=case.image_lengths[0],
-                              text_lengths=case.text_lengths[0], pooling=pooling,
-                              direction="both", backend="torch")
+            return hier_align(
+                v,
+                t,
+                image_lengths=case.image_lengths[0],
+                text_lengths=case.text_lengths[0],
+                pooling=pooling,
+                direction="both",
+                backend="torch",
+            )
 
         assert f(v, t).dtype == torch.float64
         assert torch.autograd.gradcheck(f, (v, t))
@@ -129,16 +156,23 @@ def test_float64_runs_on_torch_backend_and_gradchecks():
 
 def test_default_is_max_t2i_mean():
     v, t = _inputs()
-    ref = naive_hier_align([v.double()], [t.double()], [torch.full((3,), 5)],
-                           [torch.full((4,), 6)], pooling="max", direction="t2i",
-                           reduce="mean")
+    ref = naive_hier_align(
+        [v.double()],
+        [t.double()],
+        [torch.full((3,), 5)],
+        [torch.full((4,), 6)],
+        pooling="max",
+        direction="t2i",
+        reduce="mean",
+    )
     assert rel_err(hier_align(v, t), ref) < 1e-6
 
 
 def test_memory_budget_does_not_change_results():
     case = make_case(8, 9, 11, [(7, 6, 12)])
-    kw = dict(image_lengths=case.image_lengths[0], text_lengths=case.text_lengths[0],
-              backend="torch")
+    kw = dict(
+        image_lengths=case.image_lengths[0], text_lengths=case.text_lengths[0], backend="torch"
+    )
     v, t = case.images[0].float(), case.texts[0].float()
     for pooling in ("max", "scan"):
         big = hier_align(v, t, pooling=pooling, **kw)

@@ -33,8 +33,14 @@ def test_compile_fullgraph_forward_and_backward(pooling):
     v, t, vl, tl = _args(1)
 
     def loss(v, t):
-        s = hier_align([v, v[:, :3]], [t, t[:, :4]], image_lengths=[vl, vl.clamp(max=3)],
-                       text_lengths=[tl, tl.clamp(max=4)], pooling=pooling, direction="i2t")
+        s = hier_align(
+            [v, v[:, :3]],
+            [t, t[:, :4]],
+            image_lengths=[vl, vl.clamp(max=3)],
+            text_lengths=[tl, tl.clamp(max=4)],
+            pooling=pooling,
+            direction="i2t",
+        )
         return s.diagonal().sum() - s.logsumexp(1).sum()
 
     compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")

@@ -36,8 +36,14 @@ def test_golden(case, backend, dtype):
     data, get = _load(case)
     images = [x.to(dtype).requires_grad_(True) for x in get("images")]
     texts = [x.to(dtype).requires_grad_(True) for x in get("texts")]
-    out = hier_align(images, texts, image_lengths=get("image_lengths"),
-                     text_lengths=get("text_lengths"), backend=backend, **case["kwargs"])
+    out = hier_align(
+        images,
+        texts,
+        image_lengths=get("image_lengths"),
+        text_lengths=get("text_lengths"),
+        backend=backend,
+        **case["kwargs"],
+    )
     fwd_tol, grad_tol = TOLERANCE[dtype]
     assert rel_err(out, torch.from_numpy(data["scores"])) <= fwd_tol
     if dtype != torch.float32:

@@ -64,26 +64,53 @@ class Backend:
         return reasons
 
     def max_align(
-        self, images: Tensor, texts: Tensor, image_lengths: Tensor, text_lengths: Tensor,
-        direction: str, reduce: str, memory_budget: int,
+        self,
+        images: Tensor,
+        texts: Tensor,
+        image_lengths: Tensor,
+        text_lengths: Tensor,
+        direction: str,
+        reduce: str,
+        memory_budget: int,
     ) -> Tensor:
         raise NotImplementedError
 
     def max_align_backward(
-        self, grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
-        text_lengths: Tensor, direction: str, reduce: str, memory_budget: int,
+        self,
+        grad: Tensor,
+        images: Tensor,
+        texts: Tensor,
+        image_lengths: Tensor,
+        text_lengths: Tensor,
+        direction: str,
+        reduce: str,
+        memory_budget: int,
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def scan_align(
-        self, images: Tensor, texts: Tensor, image_lengths: Tensor, text_lengths: Tensor,
-        direction: str, reduce: str, lambda_softmax: float, memory_budget: int,
+        self,
+        images: Tensor,
+        texts: Tensor,
+        image_lengths: Tensor,
+        text_lengths: Tensor,
+        direction: str,
+        reduce: str,
+        lambda_softmax: float,
+        memory_budget: int,
     ) -> Tensor:
         raise NotImplementedError
 
     def scan_align_backward(
-        self, grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
-        text_lengths: Tensor, direction: str, reduce: str, lambda_softmax: float,
+        self,
+        grad: Tensor,
+        images: Tensor,
+        texts: Tensor,
+        image_lengths: Tensor,
+        text_lengths: Tensor,
+        direction: str,
+        reduce: str,
+        lambda_softmax: float,
         memory_budget: int,
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError

@@ -4,6 +4,7 @@ whole captions, GEMM-sized tiles of packed valid tokens pooled while in cache.""
 from __future__ import annotations
 
 import importlib
+
 from .base import Backend
 
 DIRECTION_CODES = {"t2i": 0, "i2t": 1, "both": 2}
@@ -27,33 +28,74 @@ class CpuBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return LOAD_ERROR
 
-    def max_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
-                  memory_budget):
+    def max_align(
+        self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
+    ):
         return _ext.max_align_forward(
-            images, texts, image_lengths, text_lengths, DIRECTION_CODES[direction],
+            images,
+            texts,
+            image_lengths,
+            text_lengths,
+            DIRECTION_CODES[direction],
             reduce == "mean",
         )
 
-    def max_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
-                           reduce, memory_budget):
+    def max_align_backward(
+        self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
+    ):
         gi, gt = _ext.max_align_backward(
-            grad, images, texts, image_lengths, text_lengths, DIRECTION_CODES[direction],
+            grad,
+            images,
+            texts,
+            image_lengths,
+            text_lengths,
+            DIRECTION_CODES[direction],
             reduce == "mean",
         )
         return gi, gt
 
-    def scan_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
-                   lambda_softmax, memory_budget):
+    def scan_align(
+        self,
+        images,
+        texts,
+        image_lengths,
+        text_lengths,
+        direction,
+        reduce,
+        lambda_softmax,
+        memory_budget,
+    ):
         return _ext.scan_align_forward(
-            images, texts, image_lengths, text_lengths, DIRECTION_CODES[direction],
-            reduce == "mean", float(lambda_softmax),
+            images,
+            texts,
+            image_lengths,
+            text_lengths,
+            DIRECTION_CODES[direction],
+            reduce == "mean",
+            float(lambda_softmax),
         )
 
-    def scan_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
-                            reduce, lambda_softmax, memory_budget):
+    def scan_align_backward(
+        self,
+        grad,
+        images,
+        texts,
+        image_lengths,
+        text_lengths,
+        direction,
+        reduce,
+        lambda_softmax,
+        memory_budget,
+    ):
         gi, gt = _ext.scan_align_backward(
-            grad, images, texts, image_lengths, text_lengths, DIRECTION_CODES[direction],
-            reduce == "mean", float(lambda_softmax),
+            grad,
+            images,
+            texts,
+            image_lengths,
+            text_lengths,
+            DIRECTION_CODES[direction],
+            reduce == "mean",
+            float(lambda_softmax),
         )
         return gi, gt
 

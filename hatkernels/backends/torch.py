@@ -48,7 +48,11 @@ def _zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
 
 
 def _blocks(
-    n_images: int, n_texts: int, pair_elements: int, bytes_per_element: int, budget: int,
+    n_images: int,
+    n_texts: int,
+    pair_elements: int,
+    bytes_per_element: int,
+    budget: int,
     device: torch.device,
 ) -> tuple[int, int]:
     """Images and captions per block so that a block's intermediates fit the budget."""
@@ -130,8 +134,9 @@ BlockFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
 def _forward(block: BlockFn, images, texts, vl, tl, bi: int, bt: int) -> Tensor:
-    out = torch.empty(images.shape[0], texts.shape[0], dtype=_compute_dtype(images.dtype),
-                      device=images.device)
+    out = torch.empty(
+        images.shape[0], texts.shape[0], dtype=_compute_dtype(images.dtype), device=images.device
+    )
     with torch.no_grad():
         for i0 in range(0, images.shape[0], bi):
             for j0 in range(0, texts.shape[0], bt):
@@ -174,32 +179,53 @@ class TorchBackend(Backend):
         pair = images.shape[1] * texts.shape[1]
         return _blocks(images.shape[0], texts.shape[0], pair, per_element, budget, images.device)
 
-    def max_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
-                  memory_budget):
+    def max_align(
+        self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
+    ):
         def block(v, t, vl, tl):
             return _max_block(v, t, vl, tl, direction, reduce)
 
         bi, bt = self._plan(images, texts, memory_budget, _MAX_BYTES)
         return _forward(block, images, texts, image_lengths, text_lengths, bi, bt)
 
-    def max_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
-                           reduce, memory_budget):
+    def max_align_backward(
+        self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
+    ):
         def block(v, t, vl, tl):
             return _max_block(v, t, vl, tl, direction, reduce)
 
         bi, bt = self._plan(images, texts, memory_budget, _MAX_BYTES)
         return _backward(block, grad, images, texts, image_lengths, text_lengths, bi, bt)
 
-    def scan_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
-                   lambda_softmax, memory_budget):
+    def scan_align(
+        self,
+        images,
+        texts,
+        image_lengths,
+        text_lengths,
+        direction,
+        reduce,
+        lambda_softmax,
+        memory_budget,
+    ):
         def block(v, t, vl, tl):
             return _scan_block(v, t, vl, tl, direction, reduce, lambda_softmax)
 
         bi, bt = self._plan(images, texts, memory_budget, _SCAN_BYTES)
         return _forward(block, images, texts, image_lengths, text_lengths, bi, bt)
 
-    def scan_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
-                            reduce, lambda_softmax, memory_budget):
+    def scan_align_backward(
+        self,
+        grad,
+        images,
+        texts,
+        image_lengths,
+        text_lengths,
+        direction,
+        reduce,
+        lambda_softmax,
+        memory_budget,
+    ):
         def block(v, t, vl, tl):
             return _scan_block(v, t, vl, tl, direction, reduce, lambda_softmax)
 

@@ -56,9 +56,7 @@ def register_alignment_op(name: str, extra_schema: str, method: str) -> Callable
         return impl(images, texts, image_lengths, text_lengths, *op_args, budget)
 
     def forward_fake(images, texts, image_lengths, text_lengths, *args):
-        return images.new_empty(
-            (images.shape[0], texts.shape[0]), dtype=output_dtype(images.dtype)
-        )
+        return images.new_empty((images.shape[0], texts.shape[0]), dtype=output_dtype(images.dtype))
 
     def backward_impl(grad, images, texts, image_lengths, text_lengths, *args):
         *op_args, backend, budget = args
