@@ -1,0 +1,51 @@
+"""``pytest benchmarks/``: a smoke run in seconds (tiny shapes, every backend once, results
+checked against the torch backend). ``pytest benchmarks/ --benchmark``: the full run (SPEC 5
+workloads W1/W2 and a shape sweep, interleaved rounds) that writes ``benchmarks/results/``."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import harness
+import pytest
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--benchmark", action="store_true", default=False,
+        help="full benchmark run (W1, W2, shape sweep; HATKERNELS_BENCH_ROUNDS rounds, "
+        "default 5); writes benchmarks/results/results.{md,csv,json}",
+    )
+
+
+@pytest.fixture(scope="session")
+def bench(pytestconfig: pytest.Config) -> harness.Config:
+    full = pytestconfig.getoption("--benchmark")
+    rounds = int(os.environ.get("HATKERNELS_BENCH_ROUNDS", "5")) if full else 1
+    return harness.Config(full=full, rounds=rounds)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The named workloads first, the optional shape sweep last."""
+    items.sort(key=lambda item: "sweep" in item.name)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    if harness.ROWS:
+        terminalreporter.write_sep("=", "hatkernels benchmark tables")
+        terminalreporter.write(harness.markdown(harness.machine_info(), _command(config)))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    if session.config.getoption("--benchmark") and harness.ROWS:
+        harness.write_results(RESULTS, _command(session.config))
+
+
+def _command(config: pytest.Config) -> str:
+    rounds = os.environ.get("HATKERNELS_BENCH_ROUNDS")
+    env = f"HATKERNELS_BENCH_ROUNDS={rounds} " if rounds else ""
+    return env + "pytest " + " ".join(config.invocation_params.args or sys.argv[1:])

@@ -1,0 +1,361 @@
+"""How the benchmarks measure: interleaved rounds, ratios per round, agreement checks, peak
+memory in a fresh process, and the result tables.
+
+Timings on a shared machine swing 2x within minutes, so every ratio is taken between two
+timings of the same round, over several rounds whose contender order rotates, and reported
+as the median and range. Run as a script, this module is the child process of the peak-memory
+check (``python harness.py SPEC_JSON``).
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import itertools
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from workloads import (
+    SWEEP,
+    TINY,
+    TINY_MEMORY,
+    W1,
+    W2,
+    Case,
+    Inputs,
+    Workload,
+    align_fn,
+    gemm_fn,
+    make_inputs,
+)
+
+from hatkernels.backends import BACKENDS
+from hatkernels.dispatch import not_supported_reasons
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS: list[dict] = []  # every row measured in this session, written at its end
+BASELINES = ("gemm", "naive", "torch")  # contenders whose failure fails the benchmark
+TOLERANCE = {"out": 2e-5, "grad": 2e-4}  # float32 vs float32, each within SPEC's 1e-5/1e-4
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Config:
+    full: bool  # --benchmark: the named workloads, several rounds, tables written
+    rounds: int
+
+
+@dataclass
+class Contender:
+    backend: str  # a backend name, "naive" or "gemm"
+    backward: bool
+    timed_on: tuple[int, int]
+    flops: int
+    fn: Callable[[], object]
+
+    @property
+    def key(self) -> str:
+        return self.backend + (" fwd+bwd" if self.backward else "")
+
+
+def backend_candidates(dim: int, full: bool) -> tuple[list[str], dict[str, str]]:
+    """CPU backends to time, and the reasons the others are not timed."""
+    reasons = not_supported_reasons(torch.device("cpu"), torch.float32, [dim])
+    usable, skipped = [], {}
+    for name, why in reasons.items():
+        if "cpu" not in BACKENDS[name].device_types:
+            continue
+        if not why and name == "triton" and full:
+            why = ["interpreted on CPU (TRITON_INTERPRET=1): a test vehicle, not timed"]
+        if why:
+            skipped[name] = "; ".join(why)
+        else:
+            usable.append(name)
+    return sorted(usable, key=lambda n: n != "torch"), skipped
+
+
+def _contenders(case: Case, w: Workload, x: Inputs, mode: str, backends: list[str]):
+    out = []
+    if mode == "fwd":
+        out.append(Contender("gemm", False, (w.n_images, w.n_texts), x.valid_flops(), gemm_fn(x)))
+    for name in backends + ["naive"]:
+        part = x.head(*w.slice_for(case.pooling, mode, name))
+        for backward in (False, True) if mode == "fwd+bwd" else (False,):
+            fn = align_fn(part, case, name, backward)
+            out.append(Contender(name, backward, (len(part.images), len(part.texts)),
+                                 part.valid_flops(), fn))
+    return out
+
+
+def _run_rounds(benchmark, contenders: list[Contender], rounds: int):
+    """Time every contender once per round (rotating the order); keep first outputs."""
+    times = {c.key: [] for c in contenders}
+    first, failed = {}, {}
+    counter = itertools.count()
+
+    def one_round() -> None:
+        live = [c for c in contenders if c.key not in failed]
+        k = next(counter) % len(live)
+        for c in live[k:] + live[:k]:
+            start = time.perf_counter()
+            try:
+                result = c.fn()
+            except Exception as exc:  # a kernel that is not there yet: reported, not timed
+                if c.backend in BASELINES:
+                    raise
+                failed[c.key] = f"raised {type(exc).__name__}: {exc}"
+                continue
+            times[c.key].append(time.perf_counter() - start)
+            first.setdefault(c.key, result)
+
+    benchmark.pedantic(one_round, rounds=rounds, iterations=1, warmup_rounds=0)
+    return times, first, failed
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _disagreement(c: Contender, ref: Contender, got, want) -> str | None:
+    """Why ``got`` (contender ``c``'s first result) disagrees with the torch backend's."""
+    a, b = min(c.timed_on[0], ref.timed_on[0]), min(c.timed_on[1], ref.timed_on[1])
+    outs = (got[0], want[0]) if c.backward else (got, want)
+    errs = {"out": _rel_err(outs[0][:a, :b], outs[1][:a, :b])}
+    if c.backward and c.timed_on == ref.timed_on:
+        errs["grad images"] = _rel_err(got[1], want[1])
+        errs["grad texts"] = _rel_err(got[2], want[2])
+    bad = [f"{k} rel err {e:.1e}" for k, e in errs.items()
+           if not e <= TOLERANCE["out" if k == "out" else "grad"]]
+    return "MISMATCH vs torch: " + ", ".join(bad) if bad else None
+
+
+def _stats(values: list[float]) -> list[float] | None:
+    return [statistics.median(values), min(values), max(values)] if values else None
+
+
+def _ratio(num: list[float], den: list[float]) -> list[float] | None:
+    return _stats([a / b for a, b in zip(num, den)]) if num and den else None
+
+
+def bench_timing(benchmark, cfg: Config, case: Case, w: Workload, mode: str,
+                 rounds: int | None = None) -> None:
+    """Time every backend, the naive way and (forward) the GEMM in interleaved rounds; record
+    one row per contender; fail if a backend disagrees with the torch backend."""
+    x = make_inputs(w)
+    backends, skipped = backend_candidates(w.dim, cfg.full)
+    tiny = make_inputs(TINY).head(2, 3)
+    for name in backends + ["naive"]:  # libraries, thread pools and kernels loaded off the clock
+        try:
+            align_fn(tiny, case, name, mode == "fwd+bwd")()
+        except Exception:  # noqa: S110 - the timed rounds call it again and report the error
+            pass
+    contenders = _contenders(case, w, x, mode, backends)
+    times, first, failed = _run_rounds(benchmark, contenders, rounds or cfg.rounds)
+    by_key = {c.key: c for c in contenders}
+    rate = {c.key: [c.flops / 1e9 / t for t in times[c.key]] for c in contenders}
+    suffix = " fwd+bwd" if mode == "fwd+bwd" else ""
+    ref_key, naive_key = "torch" + suffix, "naive" + suffix
+    base = dict(op=case.op, mode=mode, workload=w.name, shape=w.shape)
+    mismatches = []
+    for c in contenders:
+        if c.backward != (mode == "fwd+bwd"):
+            continue
+        status = failed.get(c.key) or failed.get(c.backend)
+        if status is None and c.backend not in ("torch", "gemm"):
+            status = _disagreement(c, by_key[ref_key], first[c.key], first[ref_key])
+            mismatches += [f"{c.key}: {status}"] if status else []
+        row = dict(base, backend=c.backend, timed_on="x".join(map(str, c.timed_on)),
+                   rounds=len(times[c.key]), status=status or "ok", gflops=_stats(rate[c.key]))
+        if mode == "fwd" and c.backend != "gemm":
+            row["of_gemm"] = _ratio(rate[c.key], rate["gemm"])
+        if c.backend not in ("gemm", "naive"):
+            row["x_naive"] = _ratio(rate[c.key], rate[naive_key])
+        if c.backend not in ("gemm", "torch"):
+            row["x_torch"] = _ratio(rate[c.key], rate[ref_key])
+        if mode == "fwd+bwd" and c.key not in failed:
+            row["fwdbwd_over_fwd"] = _ratio(times[c.key], times[c.backend])
+        ROWS.append(row)
+    ROWS.extend(dict(base, backend=n, status=f"skipped: {why}") for n, why in skipped.items())
+    assert not mismatches, mismatches
+
+
+def bench_memory(cfg: Config, case: Case, w: Workload) -> None:
+    """Added peak RSS of one forward call per backend, in a fresh process; every measured
+    backend must stay within twice the output's size plus 256 MiB."""
+    backends, skipped = backend_candidates(w.dim, True)
+    if cfg.full:  # the check is for the fused kernels; the torch backend takes many minutes
+        skipped.update({n: "not run on W2 (minutes per call); the check is for the cpu backend"
+                        for n in backends if n == "torch"})
+        backends = [n for n in backends if n != "torch"]
+    spec = dict(asdict(case), workload=w.name, backends=backends)
+    cmd = [sys.executable, str(Path(__file__)), json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"peak-memory child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    base = dict(kind="memory", op=case.op, workload=w.name, shape=w.shape)
+    over = []
+    for name, got in zip(backends, json.loads(proc.stdout.strip().splitlines()[-1])):
+        row = dict(base, backend=name, **got)
+        if "error" not in got:
+            row["limit_mib"] = (2 * got["output_bytes"] + 256 * MIB) / MIB
+            row["ok"] = got["added_peak_bytes"] / MIB <= row["limit_mib"]
+            over += [] if row["ok"] else [row]
+        ROWS.append(row)
+    ROWS.extend(dict(base, backend=n, error=f"skipped: {why}") for n, why in skipped.items())
+    assert not over, over
+
+
+def _proc_status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _peak_child(x: Inputs, case: Case, backend: str) -> dict:
+    """A tiny warm-up call, reset the peak RSS (Linux ``clear_refs``), one forward call; the
+    peak over the RSS just before it."""
+    fn = align_fn(x, case, backend, False)
+    try:
+        align_fn(make_inputs(TINY), case, backend, False)()
+    except Exception as exc:
+        return {"error": f"skipped: raised {type(exc).__name__}: {exc}"}
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status("VmRSS")
+    start = time.perf_counter()
+    out = fn()
+    seconds = time.perf_counter() - start
+    return {"added_peak_bytes": _proc_status("VmHWM") - before,
+            "output_bytes": out.numel() * out.element_size(), "seconds": seconds,
+            "gflops": x.valid_flops() / 1e9 / seconds}
+
+
+def _memory_child(spec: dict) -> list[dict]:
+    """The peak-memory child process: one workload, one case, each backend in turn."""
+    workloads = {w.name: w for w in (W1, W2, TINY, TINY_MEMORY, *SWEEP)}
+    case = Case(spec["pooling"], spec["direction"], spec["reduce"], spec["lambda_softmax"])
+    x = make_inputs(workloads[spec["workload"]])
+    return [_peak_child(x, case, name) for name in spec["backends"]]
+
+
+def _git(*args: str) -> str:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT, check=False)
+    return proc.stdout.strip()
+
+
+def machine_info() -> dict:
+    """CPU model and ISA, cores, torch/python versions, git commit, date, load."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines()
+                  if ln.startswith("flags")), [])
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                 ":!benchmarks/results")
+    return {
+        "cpu": f"{model} ({isa})", "cores": os.cpu_count(), "torch_threads":
+        torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        "commit": _git("rev-parse", "--short", "HEAD") + (" + local changes" if dirty else ""),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()),
+    }
+
+
+def _fmt(stats: list[float] | None, digits: int) -> str:
+    if not stats:
+        return ""
+    med, lo, hi = (f"{v:.{digits}f}" for v in stats)
+    return med if lo == hi else f"{med} ({lo}–{hi})"
+
+
+TIMING_COLUMNS = [("op", None), ("mode", None), ("workload", None), ("backend", None),
+                  ("timed_on", None), ("rounds", None), ("gflops", 1), ("of_gemm", 2),
+                  ("x_naive", 2), ("x_torch", 2), ("fwdbwd_over_fwd", 2), ("status", None)]
+MEMORY_COLUMNS = ["op", "workload", "backend", "output_mib", "added_peak_mib", "limit_mib",
+                  "ok", "seconds", "gflops", "error"]
+
+
+def _memory_view(row: dict) -> dict:
+    view = dict(row)
+    for key in ("output", "added_peak"):
+        if f"{key}_bytes" in row:
+            view[f"{key}_mib"] = f"{row[f'{key}_bytes'] / MIB:.0f}"
+    for key, digits in (("limit_mib", 0), ("seconds", 2), ("gflops", 1)):
+        if key in row:
+            view[key] = f"{row[key]:.{digits}f}"
+    return view
+
+
+def markdown(machine: dict, command: str) -> str:
+    """The session's rows as markdown tables with the machine and method in front."""
+    lines = [
+        "# hatkernels CPU benchmarks", "",
+        f"Command: `{command}`  ",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
+        "Every ratio is taken between two timings of the same round; rounds interleave the "
+        "contenders (rotating their order); cells give the median (min–max) over rounds. "
+        "GFLOP/s count valid-token FLOPs only (2·D·Σm·Σn). `timed on` is the slice a contender "
+        "ran on (first images x first captions); its rate is that slice's FLOPs over its time, "
+        "so a slow baseline timed on a slice compares with a kernel timed on the whole "
+        "workload. `of GEMM`: rate over torch.mm of the packed valid tokens of the whole "
+        "workload, same round. `x naive`: over `hatkernels.reference.naive_align` in float32 "
+        "(same mode). `x torch`: over the torch backend (same mode). `fwd+bwd / fwd`: time "
+        "of forward+backward over forward, same backend, slice and round. Every backend's "
+        "first result is checked against the torch backend's.", "",
+        "| " + " | ".join(c for c, _ in TIMING_COLUMNS) + " |",
+        "|" + "---|" * len(TIMING_COLUMNS),
+    ]
+    for row in (r for r in ROWS if r.get("kind") != "memory"):
+        cells = [_fmt(row.get(c), d) if d is not None else str(row.get(c, ""))
+                 for c, d in TIMING_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    memory = [_memory_view(r) for r in ROWS if r.get("kind") == "memory"]
+    if memory:
+        lines += ["", "Peak memory: added peak RSS of one forward call in a fresh process "
+                  "(Linux VmHWM after clear_refs, minus VmRSS just before the call); "
+                  "limit = 2 x output + 256 MiB.", "",
+                  "| " + " | ".join(MEMORY_COLUMNS) + " |", "|" + "---|" * len(MEMORY_COLUMNS)]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in MEMORY_COLUMNS) + " |"
+                  for r in memory]
+    return "\n".join(lines) + "\n"
+
+
+def _flat(row: dict, machine: dict) -> dict:
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, list):
+            flat.update({f"{key}_{s}": v for s, v in zip(("median", "min", "max"), value)})
+        else:
+            flat[key] = value
+    return flat | machine
+
+
+def write_results(directory: Path, command: str) -> None:
+    """results.md, results.csv and results.json for this session's rows."""
+    machine = machine_info()
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "results.md").write_text(markdown(machine, command))
+    flat = [_flat(r, machine) for r in ROWS]
+    fields = list(dict.fromkeys(k for r in flat for k in r))
+    with open(directory / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+    payload = {"command": command, "machine": machine, "rows": ROWS}
+    (directory / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    print(json.dumps(_memory_child(json.loads(sys.argv[1]))))
