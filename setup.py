@@ -61,6 +61,7 @@ def _cuda_arch_flags() -> list[str]:
 
 
 def _extensions():
+    cuda_home = _cuda_home()  # before torch.utils.cpp_extension reads CUDA_HOME at import
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
@@ -86,7 +87,6 @@ def _extensions():
             )
         )
 
-    cuda_home = _cuda_home()
     want_cuda = not _flag("HATKERNELS_SKIP_CUDA_BUILD")
     if want_cuda and torch.version.cuda is None:
         print("hatkernels: torch has no CUDA; skipping the CUDA extension", file=sys.stderr)

@@ -1,0 +1,243 @@
+// Fused max pooling (SPEC 1.1) on CUDA: one CTA per block of whole images x whole captions.
+// The block's similarities are computed 64 x 64 at a time (common.cuh) and pooled while in
+// shared memory: a running max per (image, word) for t2i and per (image token, caption) for
+// i2t. Nothing of size [Bi, Bt, M, N] is ever written. The backward recomputes the same
+// tiles, keeps the argmax, and adds coef * (other side's winning token) into float32 gradient
+// buffers with atomics (one winner per query token, SPEC 1.1).
+#include "cuda/common.cuh"
+
+namespace hatkernels::cuda {
+namespace {
+
+template <typename T, bool kBackward>
+__global__ void __launch_bounds__(kThreads)
+    max_align_kernel(Problem p, Plan pl, float* out, const float* grad, float* grad_images,
+                     float* grad_texts) {
+  __shared__ __align__(128) TileSmem<T> sm;
+  __shared__ int ilen[kMaxBlockItems];
+  __shared__ int tlen[kMaxBlockItems];
+  extern __shared__ __align__(16) float dyn_smem[];
+
+  const int tid = threadIdx.x;
+  int64_t ib, jb;
+  block_coords(blockIdx.x, pl, ib, jb);
+  const int64_t i0 = ib * pl.ib, j0 = jb * pl.jb;
+  const int IB = pl.ib, JB = pl.jb;
+  const int M = static_cast<int>(p.m), N = static_cast<int>(p.n);
+  const int R = IB * M, C = JB * N;
+  const int64_t D = p.d;
+  const int nimg = static_cast<int>(min(int64_t(IB), p.bi - i0));
+  const int ncap = static_cast<int>(min(int64_t(JB), p.bt - j0));
+  const bool t2i = p.direction != kI2T, i2t = p.direction != kT2I;
+
+  // Pooling state: tmax[il * C + c] best image token of image il for block column c (t2i),
+  // imax[r * JB + jl] best word of caption jl for block row r (i2t); arg* the winners.
+  float* tmax = dyn_smem;
+  float* imax = tmax + IB * C;
+  int* targ = reinterpret_cast<int*>(imax + R * JB);
+  int* iarg = targ + IB * C;
+  for (int e = tid; e < IB * C; e += kThreads) {
+    tmax[e] = -INFINITY;
+    if (kBackward) targ[e] = -1;
+  }
+  for (int e = tid; e < R * JB; e += kThreads) {
+    imax[e] = -INFINITY;
+    if (kBackward) iarg[e] = -1;
+  }
+  load_lengths(p, i0, j0, IB, JB, ilen, tlen);
+
+  const T* images = static_cast<const T*>(p.images);
+  const T* texts = static_cast<const T*>(p.texts);
+  const BlockSide<T> A{images + i0 * M * D, R, M, ilen};
+  const BlockSide<T> B{texts + j0 * N * D, C, N, tlen};
+
+  for (int row0 = 0; row0 < R; row0 += kTM) {
+    for (int col0 = 0; col0 < C; col0 += kTN) {
+      if (!compute_tile<T>(A, B, row0, col0, D, p.vec, sm)) continue;
+      if (t2i && tid < kTN && sm.vb[tid]) {  // one thread per column: max over image tokens
+        const int c = col0 + tid;
+        for (int r = 0; r < kTM; ++r) {
+          if (!sm.va[r]) continue;
+          const int lr = row0 + r;
+          const int e = (lr / M) * C + c;
+          const float s = sm.st[r][tid];
+          if (s > tmax[e]) {
+            tmax[e] = s;
+            if (kBackward) targ[e] = lr % M;
+          }
+        }
+      }
+      const int r = tid - (kThreads - kTM);
+      if (i2t && r >= 0 && sm.va[r]) {  // one thread per row: max over each caption's words
+        const int lr = row0 + r;
+        for (int c = 0; c < kTN; ++c) {
+          if (!sm.vb[c]) continue;
+          const int cc = col0 + c;
+          const int e = lr * JB + cc / N;
+          const float s = sm.st[r][c];
+          if (s > imax[e]) {
+            imax[e] = s;
+            if (kBackward) iarg[e] = cc % N;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+
+  if (!kBackward) {
+    for (int q = tid; q < IB * JB; q += kThreads) {
+      const int il = q / JB, jl = q % JB;
+      if (il >= nimg || jl >= ncap) continue;
+      const int m = ilen[il], n = tlen[jl];
+      float score = 0.0f;
+      if (t2i) {
+        float acc = 0.0f;
+        for (int w = 0; w < n; ++w) acc += tmax[il * C + jl * N + w];
+        score += p.mean ? acc / n : acc;
+      }
+      if (i2t) {
+        float acc = 0.0f;
+        for (int rr = 0; rr < m; ++rr) acc += imax[(il * M + rr) * JB + jl];
+        score += p.mean ? acc / m : acc;
+      }
+      out[(i0 + il) * p.ld_out + j0 + jl] = score;
+    }
+    return;
+  }
+
+  // Backward: every winner adds coef * (the other token) to both tokens' gradients. The loops
+  // over winners are uniform across the CTA; threads split the feature dimension.
+  if (t2i) {
+    for (int e = 0; e < IB * C; ++e) {
+      const int il = e / C, c = e % C, jl = c / N, w = c % N;
+      if (il >= nimg || jl >= ncap || w >= tlen[jl]) continue;
+      const int r = targ[e];
+      if (r < 0) continue;
+      const int64_t i = i0 + il, j = j0 + jl;
+      const float coef = grad[i * p.ld_out + j] * (p.mean ? 1.0f / tlen[jl] : 1.0f);
+      const T* vrow = images + (i * M + r) * D;
+      const T* trow = texts + (j * N + w) * D;
+      float* gv = grad_images + (i * M + r) * D;
+      float* gt = grad_texts + (j * N + w) * D;
+      for (int64_t k = tid; k < D; k += kThreads) {
+        atomicAdd(gt + k, coef * Cvt<T>::to_float(vrow[k]));
+        atomicAdd(gv + k, coef * Cvt<T>::to_float(trow[k]));
+      }
+    }
+  }
+  if (i2t) {
+    for (int e = 0; e < R * JB; ++e) {
+      const int lr = e / JB, jl = e % JB, il = lr / M, r = lr % M;
+      if (il >= nimg || jl >= ncap || r >= ilen[il]) continue;
+      const int w = iarg[e];
+      if (w < 0) continue;
+      const int64_t i = i0 + il, j = j0 + jl;
+      const float coef = grad[i * p.ld_out + j] * (p.mean ? 1.0f / ilen[il] : 1.0f);
+      const T* vrow = images + (i * M + r) * D;
+      const T* trow = texts + (j * N + w) * D;
+      float* gv = grad_images + (i * M + r) * D;
+      float* gt = grad_texts + (j * N + w) * D;
+      for (int64_t k = tid; k < D; k += kThreads) {
+        atomicAdd(gt + k, coef * Cvt<T>::to_float(vrow[k]));
+        atomicAdd(gv + k, coef * Cvt<T>::to_float(trow[k]));
+      }
+    }
+  }
+}
+
+template <typename T, bool kBackward>
+Status plan_for(const Problem& p, Plan* pl) {
+  DeviceLimits lim;
+  Status st = device_limits(&lim);
+  if (st.error != cudaSuccess) return st;
+  auto kernel = max_align_kernel<T, kBackward>;
+  cudaFuncAttributes attr{};
+  cudaError_t e = cudaFuncGetAttributes(&attr, kernel);
+  if (e != cudaSuccess) return Status{e, "max_align_kernel (attributes)", nullptr};
+  const int64_t budget = lim.smem_optin - static_cast<int64_t>(attr.sharedSizeBytes) - 1024;
+  // Blocks of up to 256 rows and 256 columns, shrunk until the pooling state fits.
+  int64_t cap_r = 256, cap_c = 256;
+  for (;;) {
+    pl->ib = pick_block(p.m, p.bi, cap_r);
+    pl->jb = pick_block(p.n, p.bt, cap_c);
+    const int64_t rows = pl->ib * p.m, cols = pl->jb * p.n;
+    const int64_t floats = pl->ib * cols + rows * pl->jb;
+    pl->dyn_smem = floats * 4 * (kBackward ? 2 : 1);
+    if (pl->dyn_smem <= budget) break;
+    if (pl->ib == 1 && pl->jb == 1) {
+      return Status{cudaSuccess, "max_align",
+                    "image and caption token counts too large for the CUDA max_align kernel's "
+                    "shared-memory pooling state (M + N must be below about 20000)"};
+    }
+    if (rows >= cols && pl->ib > 1) cap_r = std::max<int64_t>(p.m, rows / 2);
+    else if (pl->jb > 1) cap_c = std::max<int64_t>(p.n, cols / 2);
+    else cap_r = std::max<int64_t>(p.m, rows / 2);
+  }
+  finish_plan(p, sizeof(T), pl);
+  pl->grid = pl->items;
+  if (pl->grid > 0x7fffffff) return Status{cudaSuccess, "max_align", "too many blocks"};
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(pl->dyn_smem));
+  if (e != cudaSuccess) return Status{e, "max_align_kernel (shared memory size)", nullptr};
+  return Status{};
+}
+
+template <typename T, bool kBackward>
+Status launch(const Problem& p, const Plan& pl, float* out, const float* grad, float* gi,
+              float* gt, cudaStream_t stream) {
+  if (pl.items == 0) return Status{};
+  max_align_kernel<T, kBackward><<<static_cast<unsigned>(pl.grid), kThreads,
+                                   static_cast<size_t>(pl.dyn_smem), stream>>>(p, pl, out, grad,
+                                                                               gi, gt);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) {
+    return Status{e, kBackward ? "max_align_kernel (backward)" : "max_align_kernel (forward)",
+                  nullptr};
+  }
+  return Status{};
+}
+
+}  // namespace
+
+Status max_align_plan(const Problem& p, DType dtype, bool backward, Plan* plan) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return backward ? plan_for<float, true>(p, plan) : plan_for<float, false>(p, plan);
+    case DType::kFloat16:
+      return backward ? plan_for<__half, true>(p, plan) : plan_for<__half, false>(p, plan);
+    case DType::kBFloat16:
+      return backward ? plan_for<__nv_bfloat16, true>(p, plan)
+                      : plan_for<__nv_bfloat16, false>(p, plan);
+  }
+  return Status{cudaSuccess, "max_align", "unsupported dtype"};
+}
+
+Status max_align_forward(const Problem& p, DType dtype, const Plan& plan, float* out,
+                         cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch<float, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
+    case DType::kFloat16:
+      return launch<__half, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
+  }
+  return Status{cudaSuccess, "max_align", "unsupported dtype"};
+}
+
+Status max_align_backward(const Problem& p, DType dtype, const Plan& plan, const float* grad,
+                          float* grad_images, float* grad_texts, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return launch<float, true>(p, plan, nullptr, grad, grad_images, grad_texts, stream);
+    case DType::kFloat16:
+      return launch<__half, true>(p, plan, nullptr, grad, grad_images, grad_texts, stream);
+    case DType::kBFloat16:
+      return launch<__nv_bfloat16, true>(p, plan, nullptr, grad, grad_images, grad_texts,
+                                         stream);
+  }
+  return Status{cudaSuccess, "max_align", "unsupported dtype"};
+}
+
+}  // namespace hatkernels::cuda
