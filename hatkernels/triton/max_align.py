@@ -283,11 +283,14 @@ def max_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
     v, t = pack(images, image_lengths), pack(texts, text_lengths)
     total = torch.zeros(images.shape[0], texts.shape[0], dtype=torch.float32,
                         device=images.device)
-    for one in _directions(direction):
+    for k, one in enumerate(_directions(direction)):
         query, key, stride_ok, stride_oq = _sides(v, t, one, texts.shape[0])
-        out = torch.zeros_like(total)  # autotuning reruns the kernel: it resets this buffer
+        # Autotuning zeroes the kernel's output between trials: the second direction of
+        # "both" gets its own buffer.
+        out = total if k == 0 else torch.zeros_like(total)
         _launch_max(query, key, out, stride_ok, stride_oq, reduce == "mean", None, 0, key.items)
-        total += out
+        if k:
+            total += out
     return total
 
 

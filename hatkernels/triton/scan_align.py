@@ -20,7 +20,9 @@ span the whole ``(r, w)`` block of a pair, so:
   row tiles' attention is recomputed, which costs about ``tiles`` times the similarities:
   HAT's level shapes use ``i2t``).
 
-Each program writes only its ``[1, BT]`` block of the output. The backward recomputes the
+Each program writes only its ``[1, BT]`` block of the output (for ``both``, the ``t2i``
+kernel adds to the ``i2t`` scores; autotuning restores the output between its trial runs).
+The backward recomputes the
 block under autograd with the torch backend's exact Gram-identity math (see
 ``scan_align_backward``).
 """
@@ -41,8 +43,8 @@ EPS = 1e-8
 LEAKY_SLOPE = 0.1
 # Largest caption size (rounded up to a power of two) whose block-diagonal Gram fits a program.
 MAX_WORDS = 128
-# Items per chunk of the host-side norms and Gram matrices (bounds their float32 copies).
-_HOST_CHUNK = 1024
+# Bytes of the float32 copies that the host-side norms and Gram matrices work on at a time.
+_HOST_BYTES = 128 << 20
 
 _CONFIGS = pick_configs(
     [
@@ -72,6 +74,14 @@ def _columns(t_len_ptr, j0, Bt, N, NP: tl.constexpr, BT: tl.constexpr):
 
 
 @triton.jit
+def _write(where, value, mask, ACCUMULATE: tl.constexpr):
+    """Store a program's output block, or add it to what is there (the second direction)."""
+    if ACCUMULATE:
+        value += tl.load(where, mask=mask, other=0.0)
+    tl.store(where, value, mask=mask)
+
+
+@triton.jit
 def _leaky(s):
     return tl.where(s > 0, s, s * 0.1)
 
@@ -88,8 +98,8 @@ def _segment_sum(x, R: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr):
 def _scan_i2t_kernel(
     v_ptr, v_len_ptr, v_norm_ptr, t_ptr, t_len_ptr, gram_ptr, out_ptr,
     Bt, M, N, D, lam,
-    IS_MEAN: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
-    NP: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr,
+    IS_MEAN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    GRAM_PRECISION: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     W: tl.constexpr = BT * NP
@@ -141,7 +151,7 @@ def _scan_i2t_kernel(
     if IS_MEAN:
         total = total / m_i.to(tl.float32)
     jb = j0 + tl.arange(0, BT)
-    tl.store(out_ptr + i.to(tl.int64) * Bt + jb, total, mask=jb < Bt)
+    _write(out_ptr + i.to(tl.int64) * Bt + jb, total, jb < Bt, ACCUMULATE)
 
 
 @triton.jit
@@ -157,14 +167,14 @@ def _t2i_logits(v_ptr, rows, rvalid, t_ptr, t_rows, cvalid, D, lam,
     return s, x
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "D"])
+@triton.autotune(configs=_CONFIGS, key=["M", "N", "D"], restore_value=["out_ptr"])
 @triton.heuristics(_HEURISTICS)
 @triton.jit
 def _scan_t2i_kernel(
     v_ptr, v_len_ptr, t_ptr, t_len_ptr, t_norm_ptr, out_ptr,
     Bt, M, N, D, lam,
-    IS_MEAN: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
-    NP: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr,
+    IS_MEAN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
+    GRAM_PRECISION: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     W: tl.constexpr = BT * NP
@@ -222,24 +232,29 @@ def _scan_t2i_kernel(
     if IS_MEAN:
         t_len = tl.load(t_len_ptr + jb, mask=jb < Bt, other=1).to(tl.float32)
         total = total / t_len
-    tl.store(out_ptr + i.to(tl.int64) * Bt + jb, total, mask=jb < Bt)
+    _write(out_ptr + i.to(tl.int64) * Bt + jb, total, jb < Bt, ACCUMULATE)
+
+
+def _chunks(x: Tensor, lengths: Tensor):
+    """Float32 zero-padded copies of ``x`` by chunks of items, ``_HOST_BYTES`` at most each."""
+    step = max(1, _HOST_BYTES // (4 * x.shape[1] * x.shape[2]))
+    for b0 in range(0, x.shape[0], step):
+        yield b0, b0 + step, zero_padded_float(x[b0 : b0 + step], lengths[b0 : b0 + step])
 
 
 def _norms(x: Tensor, lengths: Tensor) -> Tensor:
-    """``[B, L]`` float32 token norms (0 on padding), in chunks of items."""
+    """``[B, L]`` float32 token norms (0 on padding)."""
     out = torch.empty(x.shape[:2], dtype=torch.float32, device=x.device)
-    for b0 in range(0, x.shape[0], _HOST_CHUNK):
-        part = zero_padded_float(x[b0 : b0 + _HOST_CHUNK], lengths[b0 : b0 + _HOST_CHUNK])
-        out[b0 : b0 + _HOST_CHUNK] = torch.linalg.vector_norm(part, dim=-1)
+    for b0, b1, part in _chunks(x, lengths):
+        out[b0:b1] = torch.linalg.vector_norm(part, dim=-1)
     return out
 
 
 def _grams(x: Tensor, lengths: Tensor) -> Tensor:
-    """``[B, L, L]`` float32 Gram matrices ``x_b x_b^T`` of the valid tokens, in chunks."""
+    """``[B, L, L]`` float32 Gram matrices ``x_b x_b^T`` of the valid tokens."""
     out = torch.empty(x.shape[0], x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-    for b0 in range(0, x.shape[0], _HOST_CHUNK):
-        part = zero_padded_float(x[b0 : b0 + _HOST_CHUNK], lengths[b0 : b0 + _HOST_CHUNK])
-        torch.bmm(part, part.transpose(1, 2), out=out[b0 : b0 + _HOST_CHUNK])
+    for b0, b1, part in _chunks(x, lengths):
+        torch.bmm(part, part.transpose(1, 2), out=out[b0:b1])
     return out
 
 
@@ -268,7 +283,7 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
                                          reduce, lambda_softmax, 1 << 30)
     (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
     v_len, t_len = image_lengths.to(torch.int32), text_lengths.to(torch.int32)
-    total = torch.zeros(n_images, n_texts, dtype=torch.float32, device=images.device)
+    total = torch.empty(n_images, n_texts, dtype=torch.float32, device=images.device)
     precision, gram_precision = _precisions(images.dtype)
     common = dict(IS_MEAN=reduce == "mean", PRECISION=precision,
                   GRAM_PRECISION=gram_precision, NP=next_pow2(n))
@@ -277,20 +292,16 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
         return (triton.cdiv(n_texts, max(1, meta["BLOCK_W"] // meta["NP"])), n_images)
 
     if direction in ("i2t", "both"):
-        out = torch.empty_like(total)
         _scan_i2t_kernel[grid](
             images, v_len, _norms(images, image_lengths), texts, t_len,
-            _grams(texts, text_lengths), out, n_texts, m, n, dim, float(lambda_softmax),
-            **common,
+            _grams(texts, text_lengths), total, n_texts, m, n, dim, float(lambda_softmax),
+            ACCUMULATE=False, **common,
         )
-        total += out
     if direction in ("t2i", "both"):
-        out = torch.empty_like(total)
         _scan_t2i_kernel[grid](
-            images, v_len, texts, t_len, _norms(texts, text_lengths), out,
-            n_texts, m, n, dim, float(lambda_softmax), **common,
+            images, v_len, texts, t_len, _norms(texts, text_lengths), total,
+            n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=direction == "both", **common,
         )
-        total += out
     return total
 
 

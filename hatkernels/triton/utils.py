@@ -41,9 +41,18 @@ def mma(a, b, acc, PRECISION: tl.constexpr):
 def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` precision for float32 operands: exact ("ieee") unless the caller opted into
     TF32 with ``torch.backends.cuda.matmul.allow_tf32``; 16-bit inputs ignore it."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreting():
+    if dtype == torch.float32 and tf32_allowed() and not interpreting():
         return "tf32"
     return "ieee"
+
+
+def tf32_allowed() -> bool:
+    """Whether float32 matmuls may use TF32: ``allow_tf32 = True`` sets the newer
+    ``fp32_precision`` to "tf32", so that is read when it exists (mixing reads of the two
+    APIs raises in recent torch)."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    return precision == "tf32" if precision is not None else bool(matmul.allow_tf32)
 
 
 def pick_configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:

@@ -1,0 +1,288 @@
+"""GPU validation of the triton backend (issue 4): correctness at realistic sizes, then timings.
+
+Run on a CUDA machine with the project installed (it installs nothing)::
+
+    python benchmarks/gpu_report.py --quick            # under ~5 minutes
+    python benchmarks/gpu_report.py --out report.md    # full SPEC 5 sizes
+
+Every timed row of a workload is measured in the same run, interleaved over ``--rounds``
+rounds, and reported as the median (range): the triton backend, the naive way
+(``hatkernels.reference.naive_align`` in the input dtype, where it fits memory), the torch
+backend, and the ceiling: the time of the workload's valid-token similarity FLOPs at the rate
+that cuBLAS reaches on a large bf16 GEMM of the same ``D``. Writes a markdown report to
+``--out``. Importable and ``--help``-able without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_report.md"
+NAIVE_BYTES = 8 << 30  # the naive way's [chunk, Bt, M, N] block, at most
+
+
+@dataclass
+class Workload:
+    """One scoring call: levels of (M, D), caption sizes, operator settings (SPEC 5)."""
+
+    name: str
+    images: int
+    texts: int
+    levels: list[tuple[int, int, int]]  # (M, N, D) per level
+    pooling: str
+    direction: str
+    reduce: str
+    min_words: int = 8
+    note: str = ""
+    tensors: dict = field(default_factory=dict)
+
+    def make(self, device: str, dtype: torch.dtype, seed: int = 0) -> None:
+        gen = torch.Generator(device=device).manual_seed(seed)
+        t_len = torch.randint(self.min_words, self.levels[0][1] + 1, (self.texts,),
+                              generator=gen, device=device)
+        images, texts = [], []
+        for m, n, d in self.levels:
+            v = torch.randn(self.images, m, d, generator=gen, device=device, dtype=dtype)
+            t = torch.randn(self.texts, n, d, generator=gen, device=device, dtype=dtype)
+            images.append(v / v.norm(dim=-1, keepdim=True))
+            texts.append(t / t.norm(dim=-1, keepdim=True))
+        self.tensors = dict(images=images, texts=texts, text_lengths=t_len)
+
+    def flops(self) -> float:
+        """Similarity FLOPs on valid tokens: ``2 D sum(m) sum(n)`` summed over levels."""
+        words = float(self.tensors["text_lengths"].sum())
+        return sum(2.0 * d * self.images * m * words for m, _, d in self.levels)
+
+    def call(self, backend: str, requires_grad: bool = False) -> torch.Tensor:
+        from hatkernels import hier_align
+
+        images = [x.requires_grad_(requires_grad) for x in self.tensors["images"]]
+        texts = [x.requires_grad_(requires_grad) for x in self.tensors["texts"]]
+        return hier_align(images, texts, text_lengths=self.tensors["text_lengths"],
+                          pooling=self.pooling, direction=self.direction, reduce=self.reduce,
+                          backend=backend)
+
+    def naive(self) -> torch.Tensor | None:
+        """The naive way in the input dtype, or None when its block cannot fit memory."""
+        from hatkernels.reference import naive_align
+
+        out = 0
+        for v, t in zip(self.tensors["images"], self.tensors["texts"]):
+            per_image = self.texts * v.shape[1] * t.shape[1] * v.element_size() * 4
+            chunk = NAIVE_BYTES // per_image
+            if chunk < 1:
+                return None
+            vl = torch.full((v.shape[0],), v.shape[1], device=v.device)
+            out = out + naive_align(v, t, vl, self.tensors["text_lengths"],
+                                    pooling=self.pooling, direction=self.direction,
+                                    reduce=self.reduce, chunk=int(chunk))
+        return out
+
+
+def workloads(quick: bool) -> list[Workload]:
+    """SPEC 5's GPU workloads; ``quick`` cuts the gallery sizes (ratios stay comparable)."""
+    g = (1000, 5000) if quick else (5000, 25000)
+    hat = (500, 2500) if quick else (5000, 25000)
+    return [
+        Workload("G1 max t2i mean", *g, [(49, 32, 1024)], "max", "t2i", "mean"),
+        Workload("G3 TERAN max t2i sum", *g, [(36, 32, 1024)], "max", "t2i", "sum"),
+        Workload("scan i2t mean (49 tokens)", *g, [(49, 32, 768)], "scan", "i2t", "mean"),
+        Workload("G2 HAT 3 levels scan i2t mean", *hat, [(784, 32, 768), (196, 32, 768),
+                                                          (49, 32, 768)],
+                 "scan", "i2t", "mean", note="peak memory checked"),
+    ]
+
+
+def _sync_time(fn: Callable[[], object]) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def gemm_rate(dim: int, dtype: torch.dtype, size: int = 16384) -> float:
+    """FLOP/s of cuBLAS on ``[size, dim] x [dim, size]`` (the ceiling's rate)."""
+    a = torch.randn(size, dim, device="cuda", dtype=dtype)
+    b = torch.randn(dim, size, device="cuda", dtype=dtype)
+    out = torch.empty(size, size, device="cuda", dtype=dtype)
+    torch.mm(a, b, out=out)
+    best = min(_sync_time(lambda: torch.mm(a, b, out=out)) for _ in range(5))
+    return 2.0 * size * size * dim / best
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def time_rows(rows: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Interleaved rounds: each round times every row once, side by side."""
+    for fn in rows.values():  # warm up: compilation and autotuning
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    for _ in range(rounds):
+        for name, fn in rows.items():
+            times[name].append(_sync_time(fn))
+    return times
+
+
+def _fmt(ts: list[float]) -> str:
+    return f"{1e3 * statistics.median(ts):.1f} ({1e3 * min(ts):.1f}-{1e3 * max(ts):.1f})"
+
+
+def check_correctness(dtype: torch.dtype) -> list[str]:
+    """Triton vs torch backend at realistic sizes: scores and gradients of every mode."""
+    lines = ["| check | rel err scores | rel err grads (images, texts) |", "|---|---|---|"]
+    for pooling in ("max", "scan"):
+        for direction in ("t2i", "i2t", "both"):
+            w = Workload("check", 64, 320, [(196, 32, 768), (49, 32, 768)], pooling, direction,
+                         "mean")
+            w.make("cuda", dtype, seed=1)
+            cot = torch.randn(64, 320, device="cuda")
+            results = []
+            for backend in ("triton", "torch"):
+                out = w.call(backend, requires_grad=True)
+                grads = torch.autograd.grad(out, w.tensors["images"] + w.tensors["texts"], cot)
+                results.append((out.detach(), grads))
+            (out, grads), (ref, ref_grads) = results
+            g_err = [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+            lines.append(f"| {pooling} {direction} mean, {dtype} | {rel_err(out, ref):.2e} | "
+                         + ", ".join(f"{e:.2e}" for e in g_err) + " |")
+    return lines
+
+
+def bench_workload(w: Workload, rate: float, rounds: int, with_naive: bool) -> list[str]:
+    flops = w.flops()
+    ceiling = flops / rate
+    rows: dict[str, Callable[[], object]] = {"triton": lambda: w.call("triton")}
+    if w.name.startswith("G2"):
+        rows_note = "torch backend skipped (minutes at this size)"
+    else:
+        rows["torch backend"] = lambda: w.call("torch")
+        rows_note = ""
+    if with_naive and len(w.levels) == 1:
+        rows["naive"] = w.naive
+    with torch.no_grad():
+        times = time_rows(rows, rounds)
+        triton_out = w.call("triton")
+        errs = {"torch backend": rel_err(triton_out, w.call("torch"))} if "torch backend" in rows \
+            else {}
+    lines = []
+    base = statistics.median(times["triton"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"| {w.name} | {name} | {_fmt(ts)} | {flops / med / 1e12:.1f} | "
+                     f"{ceiling / med:.2f} | {med / base:.2f} | "
+                     f"{errs.get(name, float('nan')):.1e} |")
+    lines.append(f"| {w.name} | GEMM ceiling | {1e3 * ceiling:.1f} | {rate / 1e12:.1f} | 1.00 "
+                 f"| {ceiling / base:.2f} | {rows_note} |")
+    return lines
+
+
+def peak_memory(w: Workload) -> list[str]:
+    """Peak allocated during HAT's 3-level scoring vs inputs + output + 1 GiB (issue 4)."""
+    inputs = sum(x.numel() * x.element_size() for x in w.tensors["images"] + w.tensors["texts"])
+    output = w.images * w.texts * 4
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.no_grad():
+        elapsed = _sync_time(lambda: w.call("triton"))
+    peak = torch.cuda.max_memory_allocated() - before
+    limit = output + (1 << 30)
+    return [f"- {w.name} ({w.images} x {w.texts}): {elapsed:.2f} s (target < 30 s at 5,000 x "
+            f"25,000); inputs {inputs / 2**30:.2f} GiB; peak beyond the inputs "
+            f"{peak / 2**30:.2f} GiB (limit: output + 1 GiB = {limit / 2**30:.2f} GiB): "
+            f"{'OK' if peak <= limit else 'OVER'}"]
+
+
+def backward_ratio(rounds: int) -> list[str]:
+    """T1 (SPEC 5): forward vs forward + backward, max and scan, bfloat16."""
+    lines = ["| T1 training step | forward ms | forward+backward ms | backward / forward |",
+             "|---|---|---|---|"]
+    for pooling, direction in (("max", "t2i"), ("scan", "i2t")):
+        w = Workload("T1", 128, 640, [(49, 32, 768)], pooling, direction, "mean")
+        w.make("cuda", torch.bfloat16, seed=2)
+
+        def fwd(w=w):
+            with torch.no_grad():
+                return w.call("triton")
+
+        def fwd_bwd(w=w):
+            out = w.call("triton", requires_grad=True)
+            torch.autograd.grad(out.sum(), w.tensors["images"] + w.tensors["texts"])
+
+        times = time_rows({"fwd": fwd, "fwd+bwd": fwd_bwd}, rounds)
+        f, fb = statistics.median(times["fwd"]), statistics.median(times["fwd+bwd"])
+        lines.append(f"| {pooling} {direction} mean | {1e3 * f:.2f} | {1e3 * fb:.2f} | "
+                     f"{(fb - f) / f:.2f} |")
+    return lines
+
+
+def _machine() -> str:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+            f"{triton.__version__}, commit {commit or '?'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report path")
+    parser.add_argument("--quick", action="store_true",
+                        help="reduced gallery sizes and rounds (under ~5 minutes)")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_report: no CUDA device; nothing measured", file=sys.stderr)
+        return 2
+    import hatkernels
+
+    rounds = args.rounds or (3 if args.quick else 5)
+    dtype = torch.bfloat16
+    report = [f"# triton backend on {_machine()}", "",
+              f"available_backends('cuda'): {hatkernels.available_backends('cuda')}", "",
+              "## Correctness vs the torch backend (64 x 320, levels 196 and 49, D = 768)", ""]
+    report += check_correctness(dtype) + check_correctness(torch.float32)
+    rates = {d: gemm_rate(d, dtype) for d in (768, 1024)}
+    report += ["", f"## Scoring ({dtype}, median (range) of {rounds} interleaved rounds)", "",
+               "Ratio: ceiling time / time (1.0 = the GEMM rate on valid-token similarity FLOPs).",
+               "", "| workload | method | ms | TFLOP/s | x GEMM rate | time / triton "
+               "| rel err vs torch |", "|---|---|---|---|---|---|---|"]
+    hat = None
+    for w in workloads(args.quick):
+        w.make("cuda", dtype)
+        report += bench_workload(w, rates[w.levels[0][2]], rounds, not args.no_naive)
+        if w.name.startswith("G2"):
+            hat = w
+        else:
+            w.tensors = {}
+            torch.cuda.empty_cache()
+    report += ["", "## HAT three-level scoring: time and peak memory", ""] + peak_memory(hat)
+    hat.tensors = {}
+    torch.cuda.empty_cache()
+    report += ["", "## Backward vs forward", ""] + backward_ratio(rounds)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

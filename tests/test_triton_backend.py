@@ -1,0 +1,162 @@
+"""The ``triton`` backend's own checks: its tiling paths (straddling items, several row tiles,
+winner chunks, long-caption fallback), every mode against the float64 reference, and its
+helpers. On CPU it runs under Triton's interpreter (``TRITON_INTERPRET=1``, as CI sets it):
+tiny shapes only, and the interpreter's tiles are 16 wide so that small inputs cross them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hatkernels
+from alignment_cases import INTERPRETING, TOLERANCE, check_against_reference, make_case
+from hatkernels import hier_align
+
+ROOT = Path(__file__).parents[1]
+ON_GPU = torch.cuda.is_available() and not INTERPRETING
+pytestmark = pytest.mark.skipif(
+    not (INTERPRETING or ON_GPU), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
+)
+DEVICE = "cuda" if ON_GPU else "cpu"
+MODES = [(p, d, r) for p in ("max", "scan") for d in ("t2i", "i2t", "both")
+         for r in ("mean", "sum")]
+
+
+def _on_device(case):
+    for side in (case.images, case.texts, case.image_lengths, case.text_lengths):
+        side[:] = [x.to(DEVICE) for x in side]
+    return case
+
+
+@pytest.mark.parametrize("pooling,direction,reduce", MODES)
+def test_every_mode_float32(pooling, direction, reduce):
+    """Two levels: 40 image tokens (several 16-row tiles, items straddling tiles) at odd
+    D = 13, and 9 tokens (one tile) at D = 24; ragged, NaN padding; scores and gradients."""
+    case = _on_device(make_case(11, 3, 5, [(40, 12, 13), (9, 5, 24)]))
+    check_against_reference(case, "triton", torch.float32, pooling=pooling,
+                            direction=direction, reduce=reduce, weights=[1.0, 0.5])
+
+
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_low_precision(pooling, dtype):
+    case = _on_device(make_case(12, 4, 3, [(20, 7, 19)]))
+    for direction, reduce in (("i2t", "mean"), ("both", "sum")):
+        check_against_reference(case, "triton", dtype, pooling=pooling, direction=direction,
+                                reduce=reduce)
+
+
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_one_token_items(pooling):
+    case = _on_device(make_case(13, 3, 4, [(1, 1, 6), (3, 2, 7)]))
+    for direction in ("t2i", "i2t", "both"):
+        check_against_reference(case, "triton", torch.float32, pooling=pooling,
+                                direction=direction, reduce="mean")
+
+
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_matches_torch_backend(pooling):
+    case = make_case(14, 5, 6, [(18, 10, 16)])
+    args = (case.images[0].float().to(DEVICE), case.texts[0].float().to(DEVICE))
+    kwargs = dict(image_lengths=case.image_lengths[0].to(DEVICE),
+                  text_lengths=case.text_lengths[0].to(DEVICE), pooling=pooling,
+                  direction="both", reduce="mean")
+    out = hier_align(*args, backend="triton", **kwargs)
+    ref = hier_align(*args, backend="torch", **kwargs)
+    assert float((out - ref).norm() / ref.norm()) <= TOLERANCE[torch.float32][0]
+
+
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_padding_never_read(pooling):
+    """NaN, Inf or huge padding gives bit-identical scores and gradients, zero on padding."""
+    case = make_case(15, 3, 4, [(20, 9, 11)])
+    valid_v = torch.arange(20) < case.image_lengths[0][:, None]
+    valid_t = torch.arange(9) < case.text_lengths[0][:, None]
+    results = []
+    for fill in (float("nan"), float("inf"), 1e30):
+        v = torch.where(valid_v[..., None], case.images[0], fill).float().to(DEVICE)
+        t = torch.where(valid_t[..., None], case.texts[0], fill).float().to(DEVICE)
+        v.requires_grad_(True)
+        t.requires_grad_(True)
+        out = hier_align(v, t, image_lengths=case.image_lengths[0].to(DEVICE),
+                         text_lengths=case.text_lengths[0].to(DEVICE), pooling=pooling,
+                         direction="both", backend="triton")
+        gv, gt = torch.autograd.grad(out.sum(), (v, t))
+        assert bool((gv[~valid_v.to(DEVICE)] == 0).all())
+        assert bool((gt[~valid_t.to(DEVICE)] == 0).all())
+        results.append((out, gv, gt))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_max_backward_in_winner_chunks(monkeypatch):
+    """A winner budget of a few key items forces the chunked backward path."""
+    import hatkernels.triton.max_align as max_align
+
+    monkeypatch.setattr(max_align, "_WINNER_BYTES", 4 * 60)
+    case = _on_device(make_case(16, 5, 4, [(7, 6, 9)]))
+    for direction in ("t2i", "i2t"):
+        check_against_reference(case, "triton", torch.float32, pooling="max",
+                                direction=direction, reduce="sum")
+
+
+def test_long_captions_take_the_exact_path():
+    """Captions over MAX_WORDS tokens: scan goes to the torch backend's exact blocked path."""
+    from hatkernels.triton import scan_align
+
+    n = scan_align.MAX_WORDS + 3
+    case = _on_device(make_case(17, 2, 2, [(3, n, 4)]))
+    assert not scan_align.supports(case.texts[0])
+    check_against_reference(case, "triton", torch.float32, pooling="scan", direction="i2t",
+                            reduce="mean")
+
+
+def test_items_per_tile_bounds_every_layout():
+    """The one-hot width of a query tile bounds the items any run of packed tokens touches."""
+    from hatkernels.triton.utils import items_per_tile
+
+    gen = torch.Generator().manual_seed(3)
+    for block in (1, 2, 3, 16, 64):
+        for _ in range(20):
+            lengths = torch.randint(1, 6, (40,), generator=gen)
+            owner = torch.repeat_interleave(torch.arange(40), lengths)
+            bound = items_per_tile(block, int(lengths.min()))
+            for start in range(0, owner.numel(), max(1, block // 2)):
+                touched = owner[start : start + block].unique().numel()
+                assert touched <= bound
+
+
+def test_tf32_only_when_opted_in(monkeypatch):
+    from hatkernels.triton import utils
+
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        assert utils.dot_precision(torch.float32) == ("tf32" if before == "tf32" else "ieee")
+        matmul.allow_tf32 = False
+        assert utils.dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert utils.dot_precision(torch.float32) == "tf32"
+        assert utils.dot_precision(torch.bfloat16) == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_listed_for_its_devices():
+    if ON_GPU:
+        assert hatkernels.available_backends("cuda")[0] == "triton"
+    else:
+        assert "triton" in hatkernels.available_backends("cpu")
+
+
+def test_gpu_report_runs_its_help_without_a_gpu():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_report.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--quick" in done.stdout and "--out" in done.stdout
