@@ -1,16 +1,484 @@
-// Placeholder until the fused kernel lands: keeps the extension linking.
+// Fused HAT scan pooling on CPU (SPEC 1.2), forward and backward.
+//
+// Algorithm. Each side's valid tokens are packed into [sum of lengths, Dp] rows (Dp = D
+// rounded up to 16, zero-filled), with their norms; padding is never read. The attended
+// side of each direction (captions for i2t, images for t2i) gets its Gram matrix
+// G = X X^T once per item when that is cheaper than forming contexts (q padded <= Dp).
+// OpenMP splits the output into tiles of whole images x whole captions; per tile one
+// GEMM (MKL, single-threaded inside the region) writes the similarity block of the tile's
+// packed tokens into a reused per-thread buffer, then every (image, caption) pair is pooled
+// from an L1-sized copy of its block (scan_align_pair.h): LeakyReLU, the normalisation
+// across the other side, softmax, and the cosine q via the Gram identity
+// <x_r, c_r> = sum alpha S, |c_r|^2 = alpha_r^T G alpha_r, so the attended context c is
+// formed only where D is the smaller side. Tiles hold whole items, so there is no merge.
+//
+// The backward recomputes a tile's similarities and attention (as FlashAttention does),
+// forms dS pair by pair analytically (through q, the Gram term, softmax, the normalisation
+// and the LeakyReLU) into a tile buffer and applies it with two GEMMs (dV = dS T,
+// dT = dS^T V), plus the norm terms (a scale of each token) and the Gram terms (2 dG X per
+// attended item). Each tile's gradient rows are added under a lock of its image block and
+// of its caption block; gradients are zero on padding.
 #include "cpu/scan_align.h"
 
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
 #include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "cpu/gemm.h"
+#include "cpu/scan_align_pair.h"
+
+// MKL's per-thread thread count (C interface, exported by libtorch_cpu; the lower-case
+// symbol is the Fortran one, which takes a pointer); weak so that another BLAS links.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace hatkernels::cpu {
+namespace {
 
-void scan_align_forward(const Problem&, float, float*) {
-  throw std::runtime_error("scan_align_forward: CPU kernel not implemented yet");
+using scan::Attended;
+using scan::kLanes;
+using scan::pad_lanes;
+using scan::PairScratch;
+
+// Target rows (image tokens) and columns (words) of a tile's similarity block.
+constexpr int64_t kTileRows = 256;
+constexpr int64_t kTileWords = 512;
+
+struct FreeDeleter {
+  void operator()(float* p) const { std::free(p); }
+};
+
+// A zero-filled, 64-byte aligned float array.
+class Buffer {
+ public:
+  Buffer() = default;
+  explicit Buffer(int64_t n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * 4 + 63) / 64 * 64;
+    data_.reset(static_cast<float*>(std::aligned_alloc(64, bytes)));
+    if (!data_) throw std::bad_alloc();
+    std::memset(data_.get(), 0, bytes);
+  }
+  float* get() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<float, FreeDeleter> data_;
+};
+
+// One side's valid tokens, packed, with norms and (optionally) per-item Gram matrices.
+struct Side {
+  int64_t count = 0, total = 0, max_len = 0;
+  std::vector<int64_t> off, len, gram_off;  // gram_off[k] < 0: context mode for item k
+  Buffer tokens, norms, grams;
+
+  int64_t d = 0, dp = 0;
+
+  Attended attended(int64_t k) const {
+    if (gram_off[k] >= 0) return {grams.get() + gram_off[k], pad_lanes(len[k]), pad_lanes(len[k]), true};
+    return {tokens.get() + off[k] * dp, dp, dp, false};
+  }
+};
+
+Side pack_side(const float* x, const int64_t* lengths, int64_t count, int64_t max_len,
+               int64_t d, const char* name) {
+  Side s;
+  s.count = count;
+  s.d = d;
+  s.dp = pad_lanes(d);
+  s.off.resize(count + 1);
+  s.len.resize(count);
+  s.off[0] = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    if (lengths[k] < 1 || lengths[k] > max_len) {
+      throw std::invalid_argument(std::string("scan_align: ") + name + " must be in [1, " +
+                                  std::to_string(max_len) + "], got " +
+                                  std::to_string(lengths[k]));
+    }
+    s.len[k] = lengths[k];
+    s.off[k + 1] = s.off[k] + lengths[k];
+    s.max_len = std::max(s.max_len, lengths[k]);
+  }
+  s.total = s.off[count];
+  s.tokens = Buffer(s.total * s.dp);
+  s.norms = Buffer(s.total);
+  float* tok = s.tokens.get();
+  float* nrm = s.norms.get();
+#pragma omp parallel for schedule(static)
+  for (int64_t k = 0; k < count; ++k) {
+    for (int64_t t = 0; t < s.len[k]; ++t) {
+      const float* src = x + (k * max_len + t) * d;
+      float* dst = tok + (s.off[k] + t) * s.dp;
+      std::memcpy(dst, src, static_cast<size_t>(d) * 4);
+      float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < d; ++c) acc += dst[c] * dst[c];
+      nrm[s.off[k] + t] = std::sqrt(acc);
+    }
+  }
+  return s;
 }
 
-void scan_align_backward(const Problem&, float, const float*, float*, float*) {
-  throw std::runtime_error("scan_align_backward: CPU kernel not implemented yet");
+// Gram matrices of the items for which they are cheaper than contexts (padded length <= Dp).
+void add_grams(Side& s, int64_t d) {
+  s.gram_off.assign(s.count, -1);
+  int64_t size = 0;
+  for (int64_t k = 0; k < s.count; ++k) {
+    const int64_t qp = pad_lanes(s.len[k]);
+    if (qp <= s.dp) {
+      s.gram_off[k] = size;
+      size += s.len[k] * qp;
+    }
+  }
+  if (size == 0) return;
+  s.grams = Buffer(size);
+  float* g = s.grams.get();
+  const float* tok = s.tokens.get();
+#pragma omp parallel
+  {
+    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t k = 0; k < s.count; ++k) {
+      if (s.gram_off[k] < 0) continue;
+      const float* xk = tok + s.off[k] * s.dp;
+      gemm_nt(s.len[k], s.len[k], d, xk, s.dp, xk, s.dp, g + s.gram_off[k], pad_lanes(s.len[k]));
+    }
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+}
+
+// Consecutive items grouped so that each block holds about `target` tokens (at least one item).
+std::vector<int64_t> make_blocks(const Side& s, int64_t target) {
+  std::vector<int64_t> starts{0};
+  int64_t tokens = 0;
+  for (int64_t k = 0; k < s.count; ++k) {
+    if (tokens > 0 && tokens + s.len[k] > target) {
+      starts.push_back(k);
+      tokens = 0;
+    }
+    tokens += s.len[k];
+  }
+  starts.push_back(s.count);
+  return starts;
+}
+
+int64_t max_block_tokens(const Side& s, const std::vector<int64_t>& blocks) {
+  int64_t most = 0;
+  for (size_t b = 0; b + 1 < blocks.size(); ++b) {
+    most = std::max(most, s.off[blocks[b + 1]] - s.off[blocks[b]]);
+  }
+  return most;
+}
+
+// Everything one call shares: packed sides, blocks, tile counts.
+struct Plan {
+  const Problem& prob;
+  Side img, txt;
+  std::vector<int64_t> img_blocks, txt_blocks;
+  int64_t rows_max = 0, words_max = 0, n_img_blocks = 0, n_tiles = 0;
+  bool t2i, i2t;
+
+  explicit Plan(const Problem& p)
+      : prob(p),
+        img(pack_side(p.images, p.image_lengths, p.bi, p.m_max, p.d, "image_lengths")),
+        txt(pack_side(p.texts, p.text_lengths, p.bt, p.n_max, p.d, "text_lengths")),
+        t2i(p.direction != kI2T),
+        i2t(p.direction != kT2I) {
+    if (p.direction < kT2I || p.direction > kBoth) {
+      throw std::invalid_argument("scan_align: direction code must be 0, 1 or 2");
+    }
+    img.gram_off.assign(img.count, -1);
+    txt.gram_off.assign(txt.count, -1);
+    if (t2i) add_grams(img, p.d);
+    if (i2t) add_grams(txt, p.d);
+    img_blocks = make_blocks(img, kTileRows);
+    txt_blocks = make_blocks(txt, kTileWords);
+    rows_max = max_block_tokens(img, img_blocks);
+    words_max = max_block_tokens(txt, txt_blocks);
+    n_img_blocks = static_cast<int64_t>(img_blocks.size()) - 1;
+    n_tiles = n_img_blocks * (static_cast<int64_t>(txt_blocks.size()) - 1);
+  }
+};
+
+// Per-thread buffers: the tile's similarities, the pair scratch and (backward) gradients.
+struct Workspace {
+  int64_t qp_max, width_max;
+  Buffer sim, local, alpha, y, work, col, row;
+  Buffer dsim, dimg, dtxt, kimg, ktxt, dgram;
+
+  Workspace(const Plan& pl, bool backward) {
+    const int64_t p_max = std::max(pl.img.max_len, pl.txt.max_len);
+    qp_max = pad_lanes(p_max);
+    width_max = std::max(qp_max, pl.img.dp);
+    sim = Buffer(pl.rows_max * pl.words_max);
+    local = Buffer(p_max * qp_max);
+    alpha = Buffer(p_max * qp_max);
+    y = Buffer(p_max * width_max);
+    work = Buffer(p_max * qp_max);
+    col = Buffer(4 * qp_max);
+    row = Buffer(4 * p_max);
+    if (backward) {
+      dsim = Buffer(pl.rows_max * pl.words_max);
+      dimg = Buffer(pl.rows_max * pl.img.dp);
+      dtxt = Buffer(pl.words_max * pl.img.dp);
+      kimg = Buffer(pl.rows_max);
+      ktxt = Buffer(pl.words_max);
+      dgram = Buffer((pl.rows_max + pl.words_max) * qp_max);
+    }
+  }
+  PairScratch scratch() const {
+    return {alpha.get(), y.get(), work.get(), col.get(), row.get()};
+  }
+};
+
+// One tile: images [i0, i1) x captions [j0, j1); rows/cols offsets of the packed tokens.
+struct Tile {
+  int64_t i0, i1, j0, j1, r0, rows, w0, words;
+};
+
+Tile tile_of(const Plan& pl, int64_t t) {
+  const int64_t ib = t % pl.n_img_blocks, jb = t / pl.n_img_blocks;
+  Tile tile{pl.img_blocks[ib], pl.img_blocks[ib + 1], pl.txt_blocks[jb], pl.txt_blocks[jb + 1],
+            0, 0, 0, 0};
+  tile.r0 = pl.img.off[tile.i0];
+  tile.rows = pl.img.off[tile.i1] - tile.r0;
+  tile.w0 = pl.txt.off[tile.j0];
+  tile.words = pl.txt.off[tile.j1] - tile.w0;
+  return tile;
+}
+
+// The tile's similarities S[rows, words] = V_tile T_tile^T.
+void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
+  const int64_t dp = pl.img.dp;
+  gemm_nt(tile.rows, tile.words, pl.prob.d, pl.img.tokens.get() + tile.r0 * dp, dp,
+          pl.txt.tokens.get() + tile.w0 * dp, dp, sim, tile.words);
+}
+
+// Copy a pair's block [m, n] of the tile's similarities into dst, padded to [m, pad(n)] (i2t)
+// or transposed into [n, pad(m)] (t2i), zeros in the padding.
+void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpose, float* dst) {
+  if (!transpose) {
+    const int64_t np = pad_lanes(n);
+    for (int64_t r = 0; r < m; ++r) {
+      std::memcpy(dst + r * np, sim + r * ld, static_cast<size_t>(n) * 4);
+      std::memset(dst + r * np + n, 0, static_cast<size_t>(np - n) * 4);
+    }
+  } else {
+    const int64_t mp = pad_lanes(m);
+    for (int64_t w = 0; w < n; ++w) {
+      float* out = dst + w * mp;
+      for (int64_t r = 0; r < m; ++r) out[r] = sim[r * ld + w];
+      std::memset(out + m, 0, static_cast<size_t>(mp - m) * 4);
+    }
+  }
+}
+
+// Add a pair's dP back into the tile's dS block (the inverse of load_block).
+void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* dsim, int64_t ld) {
+  if (!transpose) {
+    const int64_t np = pad_lanes(n);
+    for (int64_t r = 0; r < m; ++r) {
+      float* out = dsim + r * ld;
+      const float* in = src + r * np;
+#pragma omp simd
+      for (int64_t w = 0; w < n; ++w) out[w] += in[w];
+    }
+  } else {
+    const int64_t mp = pad_lanes(m);
+    for (int64_t w = 0; w < n; ++w) {
+      for (int64_t r = 0; r < m; ++r) dsim[r * ld + w] += src[w * mp + r];
+    }
+  }
+}
+
+class MklSingleThread {
+ public:
+  MklSingleThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~MklSingleThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+
+ private:
+  int prev_;
+};
+
+std::vector<Workspace> make_workspaces(const Plan& pl, bool backward) {
+  const int threads = std::max(1, std::min<int>(omp_get_max_threads(), pl.n_tiles));
+  std::vector<Workspace> ws;
+  ws.reserve(threads);
+  for (int t = 0; t < threads; ++t) ws.emplace_back(pl, backward);
+  return ws;
+}
+
+// A tile's input gradients, in the workspace: dimg [rows, Dp] and dtxt [words, Dp].
+void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* grad_out,
+                    const Workspace& w, const PairScratch& scratch) {
+  const Problem& p = pl.prob;
+  const int64_t dp = pl.img.dp, qpm = w.qp_max;
+  float* sim = w.sim.get();
+  float* dsim = w.dsim.get();
+  float* dimg = w.dimg.get();
+  float* dtxt = w.dtxt.get();
+  float* kimg = w.kimg.get();
+  float* ktxt = w.ktxt.get();
+  float* local = w.local.get();
+  // dG of the attended items, [len, pad(len)] each: captions (i2t) then images (t2i).
+  float* dgram_txt = w.dgram.get();
+  float* dgram_img = dgram_txt + (pl.i2t ? tile.words * qpm : 0);
+  const int64_t dgram_rows = (pl.i2t ? tile.words : 0) + (pl.t2i ? tile.rows : 0);
+  tile_similarities(pl, tile, sim);
+  std::memset(dsim, 0, static_cast<size_t>(tile.rows * tile.words) * 4);
+  std::memset(dimg, 0, static_cast<size_t>(tile.rows * dp) * 4);
+  std::memset(dtxt, 0, static_cast<size_t>(tile.words * dp) * 4);
+  std::memset(kimg, 0, static_cast<size_t>(tile.rows) * 4);
+  std::memset(ktxt, 0, static_cast<size_t>(tile.words) * 4);
+  std::memset(dgram_txt, 0, static_cast<size_t>(dgram_rows * qpm) * 4);
+  for (int64_t i = tile.i0; i < tile.i1; ++i) {
+    const int64_t m = pl.img.len[i], ri = pl.img.off[i] - tile.r0;
+    const Attended att_img = pl.img.attended(i);
+    for (int64_t j = tile.j0; j < tile.j1; ++j) {
+      const int64_t n = pl.txt.len[j], wj = pl.txt.off[j] - tile.w0;
+      const float g = grad_out[i * p.bt + j];
+      const float* block = sim + ri * tile.words + wj;
+      float* dblock = dsim + ri * tile.words + wj;
+      if (pl.i2t) {
+        const Attended att = pl.txt.attended(j);
+        float* dacc = att.gram ? dgram_txt + wj * qpm : dtxt + wj * dp;
+        load_block(block, tile.words, m, n, false, local);
+        scan::pair_backward(local, m, n, pad_lanes(n), pl.img.norms.get() + pl.img.off[i], att,
+                            lam, p.mean ? g / static_cast<float>(m) : g, scratch, kimg + ri,
+                            dacc, att.gram ? pad_lanes(n) : dp);
+        store_block(local, m, n, false, dblock, tile.words);
+      }
+      if (pl.t2i) {
+        float* dacc = att_img.gram ? dgram_img + ri * qpm : dimg + ri * dp;
+        load_block(block, tile.words, m, n, true, local);
+        scan::pair_backward(local, n, m, pad_lanes(m), pl.txt.norms.get() + pl.txt.off[j],
+                            att_img, lam, p.mean ? g / static_cast<float>(n) : g, scratch,
+                            ktxt + wj, dacc, att_img.gram ? pad_lanes(m) : dp);
+        store_block(local, m, n, true, dblock, tile.words);
+      }
+    }
+  }
+  const float* vt = pl.img.tokens.get() + tile.r0 * dp;
+  const float* tt = pl.txt.tokens.get() + tile.w0 * dp;
+  // Gram terms: d|c|^2 reaches the attended tokens X as 2 dG X.
+  for (int64_t j = tile.j0; pl.i2t && j < tile.j1; ++j) {
+    const int64_t n = pl.txt.len[j], wj = pl.txt.off[j] - tile.w0;
+    if (pl.txt.gram_off[j] < 0) continue;
+    gemm_nn(n, p.d, n, dgram_txt + wj * qpm, pad_lanes(n), tt + wj * dp, dp, dtxt + wj * dp, dp,
+            2.f, 1.f);
+  }
+  for (int64_t i = tile.i0; pl.t2i && i < tile.i1; ++i) {
+    const int64_t m = pl.img.len[i], ri = pl.img.off[i] - tile.r0;
+    if (pl.img.gram_off[i] < 0) continue;
+    gemm_nn(m, p.d, m, dgram_img + ri * qpm, pad_lanes(m), vt + ri * dp, dp, dimg + ri * dp, dp,
+            2.f, 1.f);
+  }
+  // dV += dS T, dT += dS^T V, then the norm terms k * x.
+  gemm_nn(tile.rows, p.d, tile.words, dsim, tile.words, tt, dp, dimg, dp, 1.f, 1.f);
+  gemm_tn(tile.words, p.d, tile.rows, dsim, tile.words, vt, dp, dtxt, dp, 1.f, 1.f);
+  for (int64_t r = 0; r < tile.rows; ++r) {
+    const float k = kimg[r];
+#pragma omp simd
+    for (int64_t c = 0; c < dp; ++c) dimg[r * dp + c] += k * vt[r * dp + c];
+  }
+  for (int64_t r = 0; r < tile.words; ++r) {
+    const float k = ktxt[r];
+#pragma omp simd
+    for (int64_t c = 0; c < dp; ++c) dtxt[r * dp + c] += k * tt[r * dp + c];
+  }
+}
+
+// Add the packed gradient rows of items [k0, k1) (starting at item k0's first token) into
+// the padded [count, max_len, d] gradient, under the block's lock.
+void add_rows(const Side& s, int64_t k0, int64_t k1, const float* rows, int64_t max_len,
+              float* grad, std::mutex& lock) {
+  const std::lock_guard<std::mutex> guard(lock);
+  const int64_t d = s.d;
+  for (int64_t k = k0; k < k1; ++k) {
+    for (int64_t t = 0; t < s.len[k]; ++t) {
+      const float* src = rows + (s.off[k] - s.off[k0] + t) * s.dp;
+      float* dst = grad + (k * max_len + t) * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) dst[c] += src[c];
+    }
+  }
+}
+
+}  // namespace
+
+void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
+  if (p.bi <= 0 || p.bt <= 0) return;
+  const Plan pl(p);
+  std::vector<Workspace> ws = make_workspaces(pl, false);
+  const int threads = static_cast<int>(ws.size());
+#pragma omp parallel num_threads(threads)
+  {
+    const MklSingleThread single;
+    const Workspace& w = ws[omp_get_thread_num()];
+    const PairScratch scratch = w.scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < pl.n_tiles; ++t) {
+      const Tile tile = tile_of(pl, t);
+      tile_similarities(pl, tile, w.sim.get());
+      for (int64_t i = tile.i0; i < tile.i1; ++i) {
+        const int64_t m = pl.img.len[i];
+        const float* vnorm = pl.img.norms.get() + pl.img.off[i];
+        for (int64_t j = tile.j0; j < tile.j1; ++j) {
+          const int64_t n = pl.txt.len[j];
+          const float* block = w.sim.get() + (pl.img.off[i] - tile.r0) * tile.words +
+                               (pl.txt.off[j] - tile.w0);
+          float score = 0.f;
+          if (pl.i2t) {
+            load_block(block, tile.words, m, n, false, w.local.get());
+            const float s = scan::pair_forward(w.local.get(), m, n, pad_lanes(n), vnorm,
+                                               pl.txt.attended(j), lambda_softmax, scratch);
+            score += p.mean ? s / static_cast<float>(m) : s;
+          }
+          if (pl.t2i) {
+            load_block(block, tile.words, m, n, true, w.local.get());
+            const float s = scan::pair_forward(w.local.get(), n, m, pad_lanes(m),
+                                               pl.txt.norms.get() + pl.txt.off[j],
+                                               pl.img.attended(i), lambda_softmax, scratch);
+            score += p.mean ? s / static_cast<float>(n) : s;
+          }
+          out[i * p.bt + j] = score;
+        }
+      }
+    }
+  }
+}
+
+void scan_align_backward(const Problem& p, float lambda_softmax, const float* grad_out,
+                         float* grad_images, float* grad_texts) {
+  std::memset(grad_images, 0, static_cast<size_t>(p.bi * p.m_max * p.d) * 4);
+  std::memset(grad_texts, 0, static_cast<size_t>(p.bt * p.n_max * p.d) * 4);
+  if (p.bi <= 0 || p.bt <= 0) return;
+  const Plan pl(p);
+  std::vector<Workspace> ws = make_workspaces(pl, true);
+  const int threads = static_cast<int>(ws.size());
+  std::vector<std::mutex> img_locks(pl.n_img_blocks), txt_locks(pl.txt_blocks.size());
+#pragma omp parallel num_threads(threads)
+  {
+    const MklSingleThread single;
+    const Workspace& w = ws[omp_get_thread_num()];
+    const PairScratch scratch = w.scratch();
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < pl.n_tiles; ++t) {
+      const Tile tile = tile_of(pl, t);
+      tile_gradients(pl, tile, lambda_softmax, grad_out, w, scratch);
+      add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images,
+               img_locks[t % pl.n_img_blocks]);
+      add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts,
+               txt_locks[t / pl.n_img_blocks]);
+    }
+  }
 }
 
 }  // namespace hatkernels::cpu

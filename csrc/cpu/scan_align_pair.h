@@ -1,0 +1,205 @@
+// Scan pooling of ONE (image, caption) pair in one direction, forward and backward, on a
+// small local similarity block that sits in L1. Written direction-free: "rows attend over
+// columns". For i2t the rows are the image tokens and the columns the words (P = S); for
+// t2i the rows are the words and the columns the image tokens (P = S^T).
+//
+//   a = LeakyReLU_0.1(P);  den_c = sqrt(sum_r a[r,c]^2) + eps;  z = lambda * a / den
+//   alpha_r = softmax_c(z_r);  num_r = sum_c alpha[r,c] P[r,c]
+//   |c_r|^2 = alpha_r^T G alpha_r      (Gram mode, G = X_cols X_cols^T, width = qp)
+//           = |alpha_r X_cols|^2       (context mode, width = padded D)
+//   q_r = num_r / max(|x_r| sqrt(max(|c_r|^2, 0)), eps),  result = sum_r q_r
+//
+// Layout: P is [p, qp] row-major with qp = q rounded up to 16 and zeros in the padded
+// columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "cpu/scan_align_simd.h"
+
+namespace hatkernels::cpu::scan {
+
+constexpr float kEps = 1e-8f;
+
+// The attended side of a pair: either its Gram matrix (z = G [q, qp], gram = true) or its
+// tokens (z = X [q, ld], width = padded D, gram = false).
+struct Attended {
+  const float* z;
+  int64_t ld;
+  int64_t width;
+  bool gram;
+};
+
+// Per-thread scratch, all [p_max, w_max] or [w_max] with w_max >= max(qp, width), 64-byte
+// aligned. Sized by the caller (see Workspace in scan_align.cpp).
+struct PairScratch {
+  float* alpha;  // [p, qp]
+  float* y;      // [p, width]: alpha G (Gram) or the contexts c_r (context mode)
+  float* work;   // [p, qp]: backward only
+  float* col;    // [qp] x 4: sum of squares, lambda / den, softmax bias, backward sums
+  float* row;    // [p] x 4: num, |c|^2, backward per-row terms
+};
+
+// Column statistics and the attention of every row; fills s.alpha, s.y, num = s.row,
+// c2 = s.row + p. Columns >= q get alpha = 0.
+inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
+                           const Attended& att, float lam, const PairScratch& s) {
+  float* sumsq = s.col;
+  float* inv = s.col + qp;
+  float* num = s.row;
+  float* c2 = s.row + p;
+  for (int64_t c = 0; c < qp; c += kLanes) {
+    V16 acc{};
+    for (int64_t r = 0; r < p; ++r) {
+      const V16 a = leaky(load(P + r * qp + c));
+      acc = fmadd(a, a, acc);
+    }
+    store(sumsq + c, acc);
+  }
+  for (int64_t c = 0; c < qp; ++c) inv[c] = lam / (std::sqrt(sumsq[c]) + kEps);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  const V16 tail = splat(neg_inf);  // for the padded columns
+  const int64_t last = qp - kLanes;           // the only chunk that may hold padded columns
+  I16 lane;
+  for (int i = 0; i < 16; ++i) lane[i] = i;
+  const I16 valid = lane < static_cast<int32_t>(q - last);
+  for (int64_t r = 0; r < p; ++r) {
+    const float* pr = P + r * qp;
+    float* al = s.alpha + r * qp;
+    V16 mx = splat(neg_inf);
+    for (int64_t c = 0; c < qp; c += kLanes) {
+      V16 z = leaky(load(pr + c)) * load(inv + c);
+      if (c == last) z = valid ? z : tail;
+      store(al + c, z);
+      mx = vmax(mx, z);
+    }
+    const V16 m = splat(hmax(mx));
+    V16 sum{};
+    for (int64_t c = 0; c < qp; c += kLanes) {
+      const V16 e = exp16(load(al + c) - m);
+      store(al + c, e);
+      sum += e;
+    }
+    const V16 rs = splat(1.f / hsum(sum));
+    V16 nm{};
+    for (int64_t c = 0; c < qp; c += kLanes) {
+      const V16 a = load(al + c) * rs;
+      store(al + c, a);
+      nm = fmadd(a, load(pr + c), nm);
+    }
+    num[r] = hsum(nm);
+  }
+  // y = alpha Z, then |c|^2 = <y, alpha> (Gram) or <y, y> (contexts).
+  const int64_t w = att.width;
+  small_gemm<false>(p, w, s.alpha, qp, 1, nullptr, q, att.z, att.ld, s.y, w, false);
+  for (int64_t r = 0; r < p; ++r) {
+    const float* yr = s.y + r * w;
+    const float* other = att.gram ? s.alpha + r * qp : yr;
+    V16 acc{};
+    for (int64_t c = 0; c < w; c += kLanes) acc = fmadd(load(yr + c), load(other + c), acc);
+    c2[r] = hsum(acc);
+  }
+}
+
+inline float cosine_denominator(float xn, float c2) {
+  const float prod = xn * std::sqrt(c2 > 0.f ? c2 : 0.f);
+  return prod > kEps ? prod : kEps;
+}
+
+// Sum over the rows of q_r (the pair's unreduced score in this direction).
+inline float pair_forward(const float* P, int64_t p, int64_t q, int64_t qp, const float* xnorm,
+                          const Attended& att, float lam, const PairScratch& s) {
+  pair_attention(P, p, q, qp, att, lam, s);
+  float total = 0.f;
+  for (int64_t r = 0; r < p; ++r) total += s.row[r] / cosine_denominator(xnorm[r], s.row[p + r]);
+  return total;
+}
+
+// Backward of gq * sum_r q_r. Writes dP [p, qp] (over P's buffer: P is read first), adds
+// d|x_r| / |x_r| to kx[r] (the caller adds kx[r] * x_r to x_r's gradient), and accumulates the
+// attended side's term: Gram mode dgram[k, c] += sum_r dc2_r alpha[r,k] alpha[r,c] (the
+// caller adds 2 dgram X to dX); context mode datt[k, :] += sum_r 2 dc2_r alpha[r,k] c_r.
+inline void pair_backward(float* P, int64_t p, int64_t q, int64_t qp, const float* xnorm,
+                          const Attended& att, float lam, float gq, const PairScratch& s,
+                          float* kx, float* dacc, int64_t dacc_ld) {
+  pair_attention(P, p, q, qp, att, lam, s);
+  const int64_t w = att.width;
+  const float* num = s.row;
+  const float* c2 = s.row + p;
+  float* dnum = s.row + 2 * p;
+  float* wrow = s.row + 3 * p;  // dc2_r (Gram) or 2 dc2_r (contexts)
+  const float* sumsq = s.col;
+  const float* inv = s.col + qp;
+  float* dalpha = s.col + 2 * qp;
+  float* tden = s.col + 3 * qp;
+  for (int64_t c = 0; c < qp; c += kLanes) store(tden + c, V16{});
+  for (int64_t r = 0; r < p; ++r) {
+    const float cn = std::sqrt(c2[r] > 0.f ? c2[r] : 0.f);
+    const float prod = xnorm[r] * cn;
+    const float den2 = prod > kEps ? prod : kEps;
+    const float dn = gq / den2;
+    const float dden2 = -gq * num[r] / (den2 * den2);
+    const bool active = prod >= kEps;
+    const float dxn = active ? dden2 * cn : 0.f;
+    const float dcn = active ? dden2 * xnorm[r] : 0.f;
+    const float dc2 = c2[r] > 0.f ? dcn / (2.f * cn) : 0.f;
+    kx[r] += xnorm[r] > 0.f ? dxn / xnorm[r] : 0.f;
+    dnum[r] = dn;
+    const float* pr = P + r * qp;
+    const float* al = s.alpha + r * qp;
+    const float* yr = s.y + r * w;
+    const V16 vdn = splat(dn), vdc2 = splat(2.f * dc2);
+    if (att.gram) {
+      wrow[r] = dc2;
+      for (int64_t c = 0; c < qp; c += kLanes)
+        store(dalpha + c, fmadd(vdc2, load(yr + c), vdn * load(pr + c)));
+    } else {  // d alpha[r, c] gets 2 dc2 <c_r, x_c>
+      wrow[r] = 2.f * dc2;
+      for (int64_t c = 0; c < qp; ++c) {
+        float dot = 0.f;
+        if (c < q) {
+          V16 acc{};
+          for (int64_t d = 0; d < w; d += kLanes)
+            acc = fmadd(load(yr + d), load(att.z + c * att.ld + d), acc);
+          dot = hsum(acc);
+        }
+        dalpha[c] = dn * pr[c] + 2.f * dc2 * dot;
+      }
+    }
+    V16 acc{};
+    for (int64_t c = 0; c < qp; c += kLanes) acc = fmadd(load(al + c), load(dalpha + c), acc);
+    const V16 dot = splat(hsum(acc));
+    float* wr = s.work + r * qp;
+    for (int64_t c = 0; c < qp; c += kLanes) {
+      const V16 dz = load(al + c) * (load(dalpha + c) - dot);
+      store(tden + c, fmadd(dz, leaky(load(pr + c)), load(tden + c)));
+      store(wr + c, dz * load(inv + c));  // d a through z = lambda a / den
+    }
+  }
+  // 2 d sumsq_c = d den_c / sqrt(sumsq_c) with d den_c = -lambda sum_r dz a / den^2.
+  for (int64_t c = 0; c < qp; ++c) {
+    const float nrm = std::sqrt(sumsq[c]);
+    const float den = nrm + kEps;
+    tden[c] = nrm > 0.f ? -lam * tden[c] / (den * den) / nrm : 0.f;
+  }
+  // The attended side's term: dacc[k, :] += sum_r wrow[r] alpha[r, k] right[r, :].
+  if (att.gram) {
+    small_gemm<true>(q, qp, s.alpha, 1, qp, wrow, p, s.alpha, qp, dacc, dacc_ld, true);
+  } else {
+    small_gemm<true>(q, w, s.alpha, 1, qp, wrow, p, s.y, w, dacc, dacc_ld, true);
+  }
+  for (int64_t r = 0; r < p; ++r) {
+    float* pr = P + r * qp;
+    const float* al = s.alpha + r * qp;
+    const float* wr = s.work + r * qp;
+    const V16 dn = splat(dnum[r]);
+    for (int64_t c = 0; c < qp; c += kLanes) {
+      const V16 x = load(pr + c);
+      const V16 da = fmadd(load(tden + c), leaky(x), load(wr + c));
+      store(pr + c, fmadd(da, leaky_slope(x), dn * load(al + c)));
+    }
+  }
+}
+
+}  // namespace hatkernels::cpu::scan

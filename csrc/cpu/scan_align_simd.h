@@ -1,0 +1,139 @@
+// 16-float vectors (GCC/Clang vector extensions: one zmm register with AVX-512, split into
+// narrower registers otherwise), an exp accurate to ~1 ulp, and a register-blocked small
+// matrix product for the scan pooling loops (scan_align_pair.h).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace hatkernels::cpu::scan {
+
+constexpr int64_t kLanes = 16;  // floats per vector; buffers are padded to and aligned on it
+
+using V16 = float __attribute__((vector_size(64)));
+using I16 = int32_t __attribute__((vector_size(64)));
+
+inline int64_t pad_lanes(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
+
+inline V16 splat(float x) { return V16{} + x; }
+
+inline V16 load(const float* p) {
+  V16 v;
+  std::memcpy(&v, p, sizeof(V16));
+  return v;
+}
+
+inline void store(float* p, V16 v) { std::memcpy(p, &v, sizeof(V16)); }
+
+inline V16 fmadd(V16 a, V16 b, V16 c) {
+#if defined(__AVX512F__)
+  return _mm512_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Horizontal sum / max by halving (a tree, as the vector reductions of omp simd).
+inline float hsum(V16 v) {
+  using V8 = float __attribute__((vector_size(32)));
+  using V4 = float __attribute__((vector_size(16)));
+  const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+inline float hmax(V16 v) {
+  using V8 = float __attribute__((vector_size(32)));
+  using V4 = float __attribute__((vector_size(16)));
+  const V8 a0 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const V8 a1 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const V8 a = a0 > a1 ? a0 : a1;
+  const V4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const V4 b = b0 > b1 ? b0 : b1;
+  const float c0 = b[0] > b[2] ? b[0] : b[2], c1 = b[1] > b[3] ? b[1] : b[3];
+  return c0 > c1 ? c0 : c1;
+}
+
+inline V16 vmax(V16 a, V16 b) { return a > b ? a : b; }
+
+// LeakyReLU with slope 0.1 and its derivative (x > 0: 1, else 0.1, as torch's backward).
+inline V16 leaky(V16 x) { return x > 0.f ? x : x * 0.1f; }
+inline V16 leaky_slope(V16 x) { return x > 0.f ? splat(1.f) : splat(0.1f); }
+
+// exp(x) within ~1 ulp (Cephes expf: n = round(x / ln 2) read from the mantissa of
+// x / ln 2 + 1.5 * 2^23, Cody-Waite reduction, degree-6 polynomial, 2^n from exponent bits);
+// exactly 0 below -87.3, where expf is subnormal (so exp(-inf) = 0).
+inline V16 exp16(V16 x) {
+  const V16 low = splat(-87.3f), high = splat(88.3f), shift = splat(12582912.f);
+  V16 xc = x < low ? low : x;
+  xc = xc > high ? high : xc;
+  const V16 t = fmadd(xc, splat(1.44269504088896341f), shift);
+  const V16 n = t - shift;
+  V16 r = fmadd(n, splat(-0.693359375f), xc);
+  r = fmadd(n, splat(2.12194440e-4f), r);
+  V16 y = splat(1.9875691500e-4f);
+  y = fmadd(y, r, splat(1.3981999507e-3f));
+  y = fmadd(y, r, splat(8.3334519073e-3f));
+  y = fmadd(y, r, splat(4.1665795894e-2f));
+  y = fmadd(y, r, splat(1.6666665459e-1f));
+  y = fmadd(y, r, splat(5.0000001201e-1f));
+  y = fmadd(y, r * r, r) + 1.f;
+  const I16 bits = ((__builtin_bit_cast(I16, t) - 0x4B400000) + 127) << 23;
+  const V16 scale = __builtin_bit_cast(V16, bits);
+  return x < low ? splat(0.f) : y * scale;
+}
+
+// C[i, :w] (=|+=) sum_k a(i, k) * s(k) * B[k, :w] for R rows i and C vectors of columns,
+// a(i, k) = a[i * a_i + k * a_k], s(k) = scale[k] (or 1): the accumulators stay in registers.
+template <int R, int NV, bool Scale>
+inline void micro(const float* a, int64_t a_i, int64_t a_k, const float* scale, int64_t kn,
+                  const float* b, int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  V16 acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V16{};
+  for (int64_t k = 0; k < kn; ++k) {
+    V16 bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load(b + k * ldb + v * kLanes);
+    const float sk = Scale ? scale[k] : 1.f;
+    for (int i = 0; i < R; ++i) {
+      const V16 ai = splat(Scale ? a[i * a_i + k * a_k] * sk : a[i * a_i + k * a_k]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = fmadd(ai, bv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int v = 0; v < NV; ++v) {
+      float* out = c + i * ldc + v * kLanes;
+      store(out, accumulate ? load(out) + acc[i][v] : acc[i][v]);
+    }
+  }
+}
+
+// The same over `rows` rows and `width` (a multiple of 16) columns, in 4 x 32 blocks.
+template <bool Scale>
+inline void small_gemm(int64_t rows, int64_t width, const float* a, int64_t a_i, int64_t a_k,
+                       const float* scale, int64_t kn, const float* b, int64_t ldb, float* c,
+                       int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  for (; i + 4 <= rows; i += 4) {
+    const float* ai = a + i * a_i;
+    float* ci = c + i * ldc;
+    int64_t v = 0;
+    for (; v + 2 * kLanes <= width; v += 2 * kLanes)
+      micro<4, 2, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
+    if (v < width) micro<4, 1, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
+  }
+  for (; i < rows; ++i) {
+    const float* ai = a + i * a_i;
+    float* ci = c + i * ldc;
+    int64_t v = 0;
+    for (; v + 2 * kLanes <= width; v += 2 * kLanes)
+      micro<1, 2, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
+    if (v < width) micro<1, 1, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
+  }
+}
+
+}  // namespace hatkernels::cpu::scan
