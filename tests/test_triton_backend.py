@@ -105,6 +105,17 @@ def test_max_backward_in_winner_chunks(monkeypatch):
                                 direction=direction, reduce="sum")
 
 
+def test_scan_backward_in_chunks_and_groups(monkeypatch):
+    """A dS budget of two images and groups of two images force the chunked i2t backward."""
+    import hatkernels.triton.scan_backward as scan_backward
+
+    monkeypatch.setattr(scan_backward, "_DS_BYTES", 4 * 2 * 20 * 4 * 7)
+    monkeypatch.setattr(scan_backward, "_IMAGES_PER_GROUP", 2)
+    case = _on_device(make_case(18, 5, 4, [(20, 7, 10)]))
+    check_against_reference(case, "triton", torch.float32, pooling="scan", direction="i2t",
+                            reduce="mean")
+
+
 def test_long_captions_take_the_exact_path():
     """Captions over MAX_WORDS tokens: scan goes to the torch backend's exact blocked path."""
     from hatkernels.triton import scan_align

@@ -92,6 +92,58 @@ def _segment_sum(x, R: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr):
     return tl.sum(tl.reshape(x, [R, BT, NP]), axis=2)
 
 
+@triton.jit
+def _caption_grams(gram_ptr, j, w, cvalid, N, NP: tl.constexpr, BT: tl.constexpr):
+    """Block-diagonal caption Gram matrices: ``G[c, c'] = <T_j[w], T_j[w']>`` within a caption."""
+    cols = tl.arange(0, BT * NP)
+    same = (cols[:, None] // NP) == (cols[None, :] // NP)
+    g_mask = same & cvalid[:, None] & cvalid[None, :]
+    return tl.load(gram_ptr + (j.to(tl.int64) * N * N + w * N)[:, None] + w[None, :],
+                   mask=g_mask, other=0.0)
+
+
+@triton.jit
+def _i2t_col_sq(v_ptr, v_row0, m_i, t_ptr, t_rows, cvalid, D,
+                BLOCK_R: tl.constexpr, W: tl.constexpr, BLOCK_D: tl.constexpr,
+                PRECISION: tl.constexpr):
+    """Pass 1 over the row tiles: ``sum_r a[r, w]^2`` per word."""
+    col_sq = tl.zeros([W], dtype=tl.float32)
+    for r0 in range(0, m_i, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        s = _similarities(v_ptr, v_row0 + rows, rows < m_i, t_ptr, t_rows, cvalid, D,
+                          BLOCK_R, W, BLOCK_D, PRECISION)
+        a = _leaky(s)
+        col_sq += tl.sum(a * a, axis=0)
+    return col_sq
+
+
+@triton.jit
+def _i2t_tile(v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
+              SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BT: tl.constexpr,
+              NP: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+              GRAM_PRECISION: tl.constexpr):
+    """One row tile of an i2t pair block: similarities ``s``, ``a``, the norms' sums of
+    squares (computed here when ``SINGLE``), attention ``alpha`` ``[R, W]``, ``alpha G``,
+    ``<V_r, c_r>`` and ``|c_r|^2`` ``[R, BT]``."""
+    W: tl.constexpr = BT * NP
+    s = _similarities(v_ptr, v_row0 + rows, rvalid, t_ptr, t_rows, cvalid, D,
+                      BLOCK_R, W, BLOCK_D, PRECISION)
+    a = _leaky(s)  # padding was loaded as 0, so a (and s) are 0 there
+    if SINGLE:
+        col_sq = tl.sum(a * a, axis=0)
+    x = tl.where(cvalid[None, :], lam * a / (tl.sqrt(col_sq) + EPS)[None, :], float("-inf"))
+    x3 = tl.reshape(x, [BLOCK_R, BT, NP])
+    top = tl.max(x3, axis=2)
+    top = tl.where(top == float("-inf"), 0.0, top)  # captions past the end
+    e = tl.exp(x3 - top[:, :, None])
+    den = tl.sum(e, axis=2)
+    alpha = tl.reshape(e / tl.where(den == 0, 1.0, den)[:, :, None], [BLOCK_R, W])
+    num = _segment_sum(alpha * s, BLOCK_R, BT, NP)  # <V_r, c_r>
+    alpha_g = tl.dot(alpha, gram, input_precision=GRAM_PRECISION)
+    c_sq = _segment_sum(alpha_g * alpha, BLOCK_R, BT, NP)  # |c_r|^2
+    return s, a, col_sq, alpha, alpha_g, num, c_sq
+
+
 @triton.autotune(configs=_CONFIGS, key=["M", "N", "D"])
 @triton.heuristics(_HEURISTICS)
 @triton.jit
@@ -108,43 +160,18 @@ def _scan_i2t_kernel(
     j, w, cvalid, t_rows = _columns(t_len_ptr, j0, Bt, N, NP, BT)
     m_i = tl.load(v_len_ptr + i)
     v_row0 = i.to(tl.int64) * M
-
-    # Block-diagonal caption Gram matrices: G[c, c'] = <T_j[w], T_j[w']> within a caption.
-    cols = tl.arange(0, W)
-    same = (cols[:, None] // NP) == (cols[None, :] // NP)
-    g_mask = same & cvalid[:, None] & cvalid[None, :]
-    gram = tl.load(gram_ptr + (j.to(tl.int64) * N * N + w * N)[:, None] + w[None, :],
-                   mask=g_mask, other=0.0)
-
+    gram = _caption_grams(gram_ptr, j, w, cvalid, N, NP, BT)
     col_sq = tl.zeros([W], dtype=tl.float32)
     if not SINGLE:
-        for r0 in range(0, m_i, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            s = _similarities(v_ptr, v_row0 + rows, rows < m_i, t_ptr, t_rows, cvalid, D,
-                              BLOCK_R, W, BLOCK_D, PRECISION)
-            a = _leaky(s)
-            col_sq += tl.sum(a * a, axis=0)
-
+        col_sq = _i2t_col_sq(v_ptr, v_row0, m_i, t_ptr, t_rows, cvalid, D,
+                             BLOCK_R, W, BLOCK_D, PRECISION)
     total = tl.zeros([BT], dtype=tl.float32)
     for r0 in range(0, m_i, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R)
         rvalid = rows < m_i
-        s = _similarities(v_ptr, v_row0 + rows, rvalid, t_ptr, t_rows, cvalid, D,
-                          BLOCK_R, W, BLOCK_D, PRECISION)
-        a = _leaky(s)  # padding was loaded as 0, so a (and s) are 0 there
-        if SINGLE:
-            col_sq = tl.sum(a * a, axis=0)
-        x = tl.where(cvalid[None, :], lam * a / (tl.sqrt(col_sq) + EPS)[None, :],
-                     float("-inf"))
-        x3 = tl.reshape(x, [BLOCK_R, BT, NP])
-        top = tl.max(x3, axis=2)
-        top = tl.where(top == float("-inf"), 0.0, top)  # captions past the end
-        e = tl.exp(x3 - top[:, :, None])
-        den = tl.sum(e, axis=2)
-        alpha = tl.reshape(e / tl.where(den == 0, 1.0, den)[:, :, None], [BLOCK_R, W])
-        num = _segment_sum(alpha * s, BLOCK_R, BT, NP)  # <V_r, c_r>
-        c_sq = _segment_sum(tl.dot(alpha, gram, input_precision=GRAM_PRECISION) * alpha,
-                            BLOCK_R, BT, NP)  # |c_r|^2
+        _, _, _, _, _, num, c_sq = _i2t_tile(
+            v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
+            SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
         v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
         q = num / tl.maximum(v_norm[:, None] * tl.sqrt(tl.maximum(c_sq, 0.0)), EPS)
         total += tl.sum(tl.where(rvalid[:, None], q, 0.0), axis=0)
@@ -308,8 +335,26 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
 def scan_align_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
                         text_lengths: Tensor, direction: str, reduce: str,
                         lambda_softmax: float) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad * scores)``: not yet a Triton kernel. It recomputes blocks of
-    whole images x whole captions under autograd with the torch backend (exact, memory
-    bounded, on the inputs' device), so training through the triton backend is correct."""
-    return TorchBackend().scan_align_backward(grad, images, texts, image_lengths, text_lengths,
-                                              direction, reduce, lambda_softmax, 1 << 30)
+    """Gradients of ``sum(grad * scores)``, exactly 0 on padding. ``i2t`` (HAT's direction)
+    runs ``scan_backward``'s kernel; ``t2i`` (and captions over ``MAX_WORDS``) recompute
+    blocks of whole images x whole captions under autograd with the torch backend (exact,
+    memory bounded, on the inputs' device): not yet a Triton kernel."""
+    from .scan_backward import scan_i2t_backward
+
+    fallback = TorchBackend()
+    if not supports(texts):
+        return fallback.scan_align_backward(grad, images, texts, image_lengths, text_lengths,
+                                            direction, reduce, lambda_softmax, 1 << 30)
+    d_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    d_texts = torch.zeros(texts.shape, dtype=torch.float32, device=texts.device)
+    if direction in ("i2t", "both"):
+        gi, gt = scan_i2t_backward(grad, images, texts, image_lengths, text_lengths, reduce,
+                                   lambda_softmax)
+        d_images += gi
+        d_texts += gt
+    if direction in ("t2i", "both"):
+        gi, gt = fallback.scan_align_backward(grad, images, texts, image_lengths, text_lengths,
+                                              "t2i", reduce, lambda_softmax, 1 << 30)
+        d_images += gi
+        d_texts += gt
+    return d_images.to(images.dtype), d_texts.to(texts.dtype)
