@@ -116,6 +116,15 @@ def test_scan_backward_in_chunks_and_groups(monkeypatch):
                             reduce="mean")
 
 
+def test_scan_t2i_backward_of_large_images_takes_the_exact_path(monkeypatch):
+    import hatkernels.triton.scan_backward as scan_backward
+
+    monkeypatch.setattr(scan_backward, "MAX_T2I_TOKENS", 8)
+    case = _on_device(make_case(19, 3, 4, [(12, 5, 6)]))
+    check_against_reference(case, "triton", torch.float32, pooling="scan", direction="both",
+                            reduce="sum")
+
+
 def test_long_captions_take_the_exact_path():
     """Captions over MAX_WORDS tokens: scan goes to the torch backend's exact blocked path."""
     from hatkernels.triton import scan_align

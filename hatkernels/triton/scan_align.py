@@ -335,26 +335,31 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
 def scan_align_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
                         text_lengths: Tensor, direction: str, reduce: str,
                         lambda_softmax: float) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad * scores)``, exactly 0 on padding. ``i2t`` (HAT's direction)
-    runs ``scan_backward``'s kernel; ``t2i`` (and captions over ``MAX_WORDS``) recompute
-    blocks of whole images x whole captions under autograd with the torch backend (exact,
-    memory bounded, on the inputs' device): not yet a Triton kernel."""
-    from .scan_backward import scan_i2t_backward
+    """Gradients of ``sum(grad * scores)``, exactly 0 on padding, from ``scan_backward``'s
+    kernels. Not yet Triton kernels (they recompute blocks under autograd with the torch
+    backend: exact, memory bounded, on the inputs' device): ``t2i`` for images of more than
+    ``MAX_T2I_TOKENS`` tokens, and captions of more than ``MAX_WORDS``."""
+    from .scan_backward import MAX_T2I_TOKENS, scan_i2t_backward, scan_t2i_backward
 
-    fallback = TorchBackend()
+    def fallback(one: str) -> tuple[Tensor, Tensor]:
+        return TorchBackend().scan_align_backward(grad, images, texts, image_lengths,
+                                                  text_lengths, one, reduce, lambda_softmax,
+                                                  1 << 30)
+
     if not supports(texts):
-        return fallback.scan_align_backward(grad, images, texts, image_lengths, text_lengths,
-                                            direction, reduce, lambda_softmax, 1 << 30)
+        return fallback(direction)
     d_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
     d_texts = torch.zeros(texts.shape, dtype=torch.float32, device=texts.device)
+    args = (grad, images, texts, image_lengths, text_lengths, reduce, lambda_softmax)
     if direction in ("i2t", "both"):
-        gi, gt = scan_i2t_backward(grad, images, texts, image_lengths, text_lengths, reduce,
-                                   lambda_softmax)
+        gi, gt = scan_i2t_backward(*args)
         d_images += gi
         d_texts += gt
     if direction in ("t2i", "both"):
-        gi, gt = fallback.scan_align_backward(grad, images, texts, image_lengths, text_lengths,
-                                              "t2i", reduce, lambda_softmax, 1 << 30)
+        if images.shape[1] <= MAX_T2I_TOKENS:
+            gi, gt = scan_t2i_backward(*args)
+        else:
+            gi, gt = fallback("t2i")
         d_images += gi
         d_texts += gt
     return d_images.to(images.dtype), d_texts.to(texts.dtype)

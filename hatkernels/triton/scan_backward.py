@@ -1,28 +1,33 @@
-"""Backward of HAT's scan pooling, ``i2t`` direction (HAT's), as a Triton kernel + two GEMMs.
+"""Backward of HAT's scan pooling as Triton kernels that form ``dS = dL/dS`` + two GEMMs.
 
-For one pair block the kernel recomputes the forward (``scan_align._i2t_tile``) and forms
-``dS = dL/dS`` ``[m, n]`` through the cosine, the Gram identity, the softmax over words, the
-norm across image tokens and the LeakyReLU. That norm couples every image token of the pair,
-so with several row tiles a first pass accumulates ``sum_r a^2``, a second
-``sum_r (dL/db) a`` per word, and a third forms ``dS``; with one row tile (``SINGLE``) all
-of it happens once, in registers. Besides ``dS`` a pair feeds two small terms: ``|V_r|``
-(its gradient summed over captions, atomically, per image token) and the caption Gram
-``G_j`` (``sum_r dc2_r alpha_r alpha_r^T``, summed over a group of images in registers, then
-atomically per caption).
+For a pair block a kernel recomputes the forward and forms ``dS`` ``[m, n]`` through the
+cosine, the Gram identity, the softmax, the norm and the LeakyReLU. ``dS`` of a chunk of
+images goes to a float32 buffer ``[chunk, M, Bt * N]`` (sized to ``_DS_BYTES``), then
+``dV = dS T`` and ``dT += dS^T V`` are cuBLAS GEMMs over zero-padded inputs (16-bit inputs in
+their dtype, on tensor cores). Besides ``dS`` a pair feeds two small terms, accumulated in
+registers over a group and then atomically: the gradient of the attended side's Gram matrix
+(``dG = sum dc2 alpha alpha^T``, applied last as ``2 dG X``) and of the query side's token
+norms (applied as ``d|x| x / |x|``).
 
-A program owns a block of ``BT`` captions and a group of images; ``dS`` of a chunk of images
-goes to a float32 buffer ``[chunk, M, Bt * N]`` (sized to ``_DS_BYTES``), and then
-``dV = dS T`` and ``dT += dS^T V`` are cuBLAS GEMMs over the zero-padded inputs (16-bit inputs:
-in their dtype on tensor cores). Last, ``dT += 2 dG T`` and ``dV += d|V| V / |V|``.
+- ``i2t`` (HAT's direction; ``_scan_i2t_backward_kernel``): a program owns a block of
+  captions and a group of images. The norm across image tokens couples the whole pair, so
+  with several row tiles one pass accumulates ``sum_r a^2``, a second ``sum_r (dL/db) a`` per
+  word and a third forms ``dS``; with one row tile (``SINGLE``) it is one pass in registers.
+- ``t2i`` (``_scan_t2i_backward_kernel``): a program owns one image, all its tokens in one
+  tile (at most ``MAX_T2I_TOKENS``), and a group of caption blocks; the softmax over image
+  tokens and the image Gram ``V_i V_i^T`` then stay in registers.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from .max_align import _similarities
 from .scan_align import (
     _CONFIGS,
     _HEURISTICS,
@@ -32,13 +37,25 @@ from .scan_align import (
     _grams,
     _i2t_col_sq,
     _i2t_tile,
+    _leaky,
     _norms,
     _precisions,
 )
-from .utils import next_pow2
+from .utils import next_pow2, pick_configs
 
 _DS_BYTES = 256 << 20
 _IMAGES_PER_GROUP = 8
+_BLOCKS_PER_GROUP = 8
+# t2i keeps an image's tokens in one tile: up to this many (else the torch backend's path).
+MAX_T2I_TOKENS = 128
+_T2I_CONFIGS = pick_configs(
+    [
+        triton.Config({"BLOCK_W": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_W": 128, "BLOCK_D": 64}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_W": 32, "BLOCK_D": 64}, num_warps=4, num_stages=3),
+    ],
+    triton.Config({"BLOCK_W": 32, "BLOCK_D": 16}),
+)
 
 
 @triton.jit
@@ -140,10 +157,123 @@ def _scan_i2t_backward_kernel(
                   mask=same & cvalid[:, None] & cvalid[None, :])
 
 
+@triton.jit
+def _t2i_tile(v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, D, lam,
+              R: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+              PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr):
+    """A t2i pair block held in one row tile: ``s``, ``a``, attention ``alpha`` over image
+    tokens ``[R, W]``, ``G_i alpha``, ``<T_w, c_w>`` and ``|c_w|^2`` ``[W]``."""
+    s = _similarities(v_ptr, v_row0 + rows, rvalid, t_ptr, t_rows, cvalid, D,
+                      R, BT * NP, BLOCK_D, PRECISION)
+    a = _leaky(s)
+    a3 = tl.reshape(a, [R, BT, NP])
+    norm = tl.sqrt(tl.sum(a3 * a3, axis=2)) + EPS
+    x = tl.where(rvalid[:, None], lam * a / _broadcast(norm, R, BT, NP), float("-inf"))
+    e = tl.exp(x - tl.max(x, axis=0)[None, :])
+    alpha = e / tl.sum(e, axis=0)[None, :]
+    num = tl.sum(alpha * s, axis=0)
+    gram_alpha = tl.dot(gram, alpha, input_precision=GRAM_PRECISION)
+    c_sq = tl.sum(alpha * gram_alpha, axis=0)
+    return s, a, alpha, gram_alpha, num, c_sq
+
+
+@triton.autotune(configs=_T2I_CONFIGS, key=["M", "N", "D"],
+                 restore_value=["dtn_ptr", "dgram_ptr"])
+@triton.heuristics({"BT": lambda a: max(1, a["BLOCK_W"] // a["NP"])})
+@triton.jit
+def _scan_t2i_backward_kernel(
+    v_ptr, v_len_ptr, t_ptr, t_len_ptr, t_norm_ptr, grad_ptr,
+    ds_ptr, dtn_ptr, dgram_ptr, image_base, blocks_per_group,
+    Bt, M, N, D, lam,
+    IS_MEAN: tl.constexpr, PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr,
+    NP: tl.constexpr, BT: tl.constexpr, R: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One image (all its tokens in one ``R``-row tile) x a group of caption blocks."""
+    i = image_base + tl.program_id(1)
+    m_i = tl.load(v_len_ptr + i)
+    v_row0 = i.to(tl.int64) * M
+    rows = tl.arange(0, R)
+    rvalid = rows < m_i
+    gram = _similarities(v_ptr, v_row0 + rows, rvalid, v_ptr, v_row0 + rows, rvalid, D,
+                         R, R, BLOCK_D, PRECISION)  # G_i = V_i V_i^T
+    d_gram = tl.zeros([R, R], dtype=tl.float32)
+    ds_rows = (tl.program_id(1) * M + rows).to(tl.int64) * (Bt * N)
+    n_blocks = tl.cdiv(Bt, BT)
+    first = tl.program_id(0) * blocks_per_group
+    for block in range(first, tl.minimum(first + blocks_per_group, n_blocks)):
+        j, w, cvalid, t_rows = _columns(t_len_ptr, block * BT, Bt, N, NP, BT)
+        s, a, alpha, gram_alpha, num, c_sq = _t2i_tile(
+            v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, D, lam,
+            R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
+        g = tl.load(grad_ptr + i.to(tl.int64) * Bt + j, mask=cvalid, other=0.0)
+        if IS_MEAN:
+            g = g / tl.load(t_len_ptr + j, mask=cvalid, other=1).to(tl.float32)
+        t_norm = tl.load(t_norm_ptr + t_rows, mask=cvalid, other=0.0)
+        c_norm = tl.sqrt(tl.maximum(c_sq, 0.0))
+        prod = t_norm * c_norm
+        den = tl.maximum(prod, EPS)
+        d_num = g / den
+        d_den = tl.where(prod > EPS, -g * num / (den * den), 0.0)
+        tl.atomic_add(dtn_ptr + t_rows, d_den * c_norm, mask=cvalid)
+        safe = tl.where(c_norm > 0, c_norm, 1.0)
+        d_csq = tl.where(c_norm > 0, d_den * t_norm / (2.0 * safe), 0.0)
+        d_alpha = d_num[None, :] * s + 2.0 * d_csq[None, :] * gram_alpha
+        d_b = lam * alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=0)[None, :])
+        # b = a / (sqrt(sum_w a^2) + eps) per image token and caption.
+        a3 = tl.reshape(a, [R, BT, NP])
+        root = tl.sqrt(tl.sum(a3 * a3, axis=2))
+        norm = root + EPS
+        inner = tl.sum(tl.reshape(d_b * a, [R, BT, NP]), axis=2)
+        through = tl.where(root > 0, -inner / (norm * norm * tl.where(root > 0, root, 1.0)),
+                           0.0)
+        d_a = d_b / _broadcast(norm, R, BT, NP) + a * _broadcast(through, R, BT, NP)
+        d_s = d_a * tl.where(s > 0, 1.0, 0.1) + d_num[None, :] * alpha
+        both = rvalid[:, None] & cvalid[None, :]
+        tl.store(ds_ptr + ds_rows[:, None] + (j.to(tl.int64) * N + w)[None, :], d_s, mask=both)
+        d_gram += tl.dot(alpha * d_csq[None, :], tl.trans(alpha), input_precision=GRAM_PRECISION)
+    tl.atomic_add(dgram_ptr + (i.to(tl.int64) * M + rows)[:, None] * M + rows[None, :], d_gram,
+                  mask=rvalid[:, None] & rvalid[None, :])
+
+
 def _zero_padded(x: Tensor, lengths: Tensor, dtype: torch.dtype) -> Tensor:
     valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
     return torch.where(valid[..., None], x.to(dtype), torch.zeros((), dtype=dtype,
                                                                    device=x.device))
+
+
+def _apply_ds(images: Tensor, texts: Tensor, image_lengths: Tensor, text_lengths: Tensor,
+              launch: Callable[[Tensor, int, int], None]) -> tuple[Tensor, Tensor]:
+    """``dV = dS T`` and ``dT = dS^T V`` (float32) with ``dS`` produced by ``launch(d_s, base,
+    count)`` for chunks of images; the GEMMs run in the inputs' dtype (float32 stays exact
+    unless TF32 was opted into) over zero-padded copies, so padding gets exactly 0."""
+    (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
+    v0 = _zero_padded(images, image_lengths, images.dtype)
+    t0 = _zero_padded(texts, text_lengths, texts.dtype).reshape(n_texts * n, dim)
+    d_images = torch.empty(n_images, m, dim, dtype=torch.float32, device=images.device)
+    d_texts = torch.zeros(n_texts * n, dim, dtype=torch.float32, device=images.device)
+    chunk = max(1, min(n_images, _DS_BYTES // (4 * m * n_texts * n)))
+    d_s = torch.empty(chunk, m, n_texts * n, dtype=torch.float32, device=images.device)
+    for base in range(0, n_images, chunk):
+        count = min(chunk, n_images - base)
+        d_s.zero_()
+        launch(d_s, base, count)
+        block = d_s[:count].to(images.dtype)
+        d_images[base : base + count] = torch.matmul(block, t0).float()
+        rows = v0[base : base + count].reshape(-1, dim)
+        d_texts += (block.reshape(count * m, -1).T @ rows).float()
+    return d_images, d_texts.view(n_texts, n, dim)
+
+
+def _unit(x: Tensor, lengths: Tensor, norms: Tensor) -> Tensor:
+    """``x / |x|`` per valid token, 0 on padding and for zero tokens."""
+    return _zero_padded(x, lengths, torch.float32) / norms.clamp_min(1e-30)[..., None]
+
+
+def _launch_args(images: Tensor, texts: Tensor, reduce: str, lambda_softmax: float) -> dict:
+    precision, gram_precision = _precisions(images.dtype)
+    return dict(IS_MEAN=reduce == "mean", PRECISION=precision, GRAM_PRECISION=gram_precision,
+                NP=next_pow2(texts.shape[1]))
 
 
 def scan_i2t_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
@@ -151,42 +281,56 @@ def scan_i2t_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths
                       ) -> tuple[Tensor, Tensor]:
     """float32 gradients of ``sum(grad * scores_i2t)`` w.r.t. images and texts (0 on padding)."""
     (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
-    device = images.device
-    gemm_dtype = images.dtype  # float32 stays exact (unless TF32 was opted into)
-    v0 = _zero_padded(images, image_lengths, gemm_dtype)
-    t0 = _zero_padded(texts, text_lengths, gemm_dtype).reshape(n_texts * n, dim)
     v_norm = _norms(images, image_lengths)
     gram = _grams(texts, text_lengths)
-    d_vnorm = torch.zeros(n_images, m, dtype=torch.float32, device=device)
+    d_vnorm = torch.zeros(n_images, m, dtype=torch.float32, device=images.device)
     d_gram = torch.zeros_like(gram)
-    d_images = torch.empty(n_images, m, dim, dtype=torch.float32, device=device)
-    d_texts = torch.zeros(n_texts * n, dim, dtype=torch.float32, device=device)
-    chunk = max(1, min(n_images, _DS_BYTES // (4 * m * n_texts * n)))
-    d_s = torch.empty(chunk, m, n_texts * n, dtype=torch.float32, device=device)
-    precision, gram_precision = _precisions(images.dtype)
     grad = grad.to(torch.float32).contiguous()
     v_len, t_len = image_lengths.to(torch.int32), text_lengths.to(torch.int32)
-    for base in range(0, n_images, chunk):
-        count = min(chunk, n_images - base)
-        d_s.zero_()
+    meta = _launch_args(images, texts, reduce, lambda_softmax)
 
-        def grid(meta, count=count):
-            return (triton.cdiv(n_texts, max(1, meta["BLOCK_W"] // meta["NP"])),
+    def launch(d_s: Tensor, base: int, count: int) -> None:
+        def grid(m):
+            return (triton.cdiv(n_texts, max(1, m["BLOCK_W"] // m["NP"])),
                     triton.cdiv(count, _IMAGES_PER_GROUP))
 
         _scan_i2t_backward_kernel[grid](
             images, v_len, v_norm, texts, t_len, gram, grad,
             d_s, d_vnorm, d_gram, base, count, _IMAGES_PER_GROUP,
-            n_texts, m, n, dim, float(lambda_softmax),
-            IS_MEAN=reduce == "mean", PRECISION=precision, GRAM_PRECISION=gram_precision,
-            NP=next_pow2(n),
+            n_texts, m, n, dim, float(lambda_softmax), **meta,
         )
-        block = d_s[:count].to(gemm_dtype)
-        d_images[base : base + count] = torch.matmul(block, t0).float()
-        rows = v0[base : base + count].reshape(-1, dim)
-        d_texts += (block.reshape(count * m, -1).T @ rows).float()
-    d_texts = d_texts.view(n_texts, n, dim)
+
+    d_images, d_texts = _apply_ds(images, texts, image_lengths, text_lengths, launch)
     d_texts += 2.0 * torch.bmm(d_gram, _zero_padded(texts, text_lengths, torch.float32))
-    unit = _zero_padded(images, image_lengths, torch.float32) / v_norm.clamp_min(1e-30)[..., None]
-    d_images += d_vnorm[..., None] * unit
+    d_images += d_vnorm[..., None] * _unit(images, image_lengths, v_norm)
+    return d_images, d_texts
+
+
+def scan_t2i_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
+                      text_lengths: Tensor, reduce: str, lambda_softmax: float
+                      ) -> tuple[Tensor, Tensor]:
+    """float32 gradients of ``sum(grad * scores_t2i)``; images of at most ``MAX_T2I_TOKENS``
+    tokens (one row tile per image)."""
+    (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
+    t_norm = _norms(texts, text_lengths)
+    d_tnorm = torch.zeros(n_texts, n, dtype=torch.float32, device=images.device)
+    d_gram = torch.zeros(n_images, m, m, dtype=torch.float32, device=images.device)
+    grad = grad.to(torch.float32).contiguous()
+    v_len, t_len = image_lengths.to(torch.int32), text_lengths.to(torch.int32)
+    meta = _launch_args(images, texts, reduce, lambda_softmax)
+
+    def launch(d_s: Tensor, base: int, count: int) -> None:
+        def grid(m):
+            blocks = triton.cdiv(n_texts, max(1, m["BLOCK_W"] // m["NP"]))
+            return (triton.cdiv(blocks, _BLOCKS_PER_GROUP), count)
+
+        _scan_t2i_backward_kernel[grid](
+            images, v_len, texts, t_len, t_norm, grad,
+            d_s, d_tnorm, d_gram, base, _BLOCKS_PER_GROUP,
+            n_texts, m, n, dim, float(lambda_softmax), R=next_pow2(m), **meta,
+        )
+
+    d_images, d_texts = _apply_ds(images, texts, image_lengths, text_lengths, launch)
+    d_images += 2.0 * torch.bmm(d_gram, _zero_padded(images, image_lengths, torch.float32))
+    d_texts += d_tnorm[..., None] * _unit(texts, text_lengths, t_norm)
     return d_images, d_texts
