@@ -40,9 +40,12 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         terminalreporter.write(harness.markdown(harness.machine_info(), _command(config)))
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    if session.config.getoption("--benchmark") and harness.ROWS:
-        harness.write_results(RESULTS, _command(session.config))
+@pytest.fixture(autouse=True)
+def _write_tables(bench: harness.Config, pytestconfig: pytest.Config):
+    """In the full run, rewrite the tables after every test (a cut-short run keeps its rows)."""
+    yield
+    if bench.full and harness.ROWS:
+        harness.write_results(RESULTS, _command(pytestconfig))
 
 
 def _command(config: pytest.Config) -> str:

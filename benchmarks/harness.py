@@ -165,7 +165,8 @@ def bench_timing(benchmark, cfg: Config, case: Case, w: Workload, mode: str,
     rate = {c.key: [c.flops / 1e9 / t for t in times[c.key]] for c in contenders}
     suffix = " fwd+bwd" if mode == "fwd+bwd" else ""
     ref_key, naive_key = "torch" + suffix, "naive" + suffix
-    base = dict(op=case.op, mode=mode, workload=w.name, shape=w.shape)
+    base = dict(op=case.op, mode=mode, workload=w.name, shape=w.shape,
+                load=round(os.getloadavg()[0], 1))
     mismatches = []
     for c in contenders:
         if c.backward != (mode == "fwd+bwd"):
@@ -202,7 +203,8 @@ def bench_memory(cfg: Config, case: Case, w: Workload) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    base = dict(kind="memory", op=case.op, workload=w.name, shape=w.shape)
+    base = dict(kind="memory", op=case.op, workload=w.name, shape=w.shape,
+                load=round(os.getloadavg()[0], 1))
     over = []
     for name, got in zip(backends, json.loads(proc.stdout.strip().splitlines()[-1])):
         row = dict(base, backend=name, **got)
@@ -265,7 +267,7 @@ def machine_info() -> dict:
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", ".",
                  ":!benchmarks/results")
     return {
-        "cpu": f"{model} ({isa})", "cores": os.cpu_count(), "torch_threads":
+        "cpu_model": f"{model} ({isa})", "cores": os.cpu_count(), "torch_threads":
         torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "commit": _git("rev-parse", "--short", "HEAD") + (" + local changes" if dirty else ""),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -282,9 +284,10 @@ def _fmt(stats: list[float] | None, digits: int) -> str:
 
 TIMING_COLUMNS = [("op", None), ("mode", None), ("workload", None), ("backend", None),
                   ("timed_on", None), ("rounds", None), ("gflops", 1), ("of_gemm", 2),
-                  ("x_naive", 2), ("x_torch", 2), ("fwdbwd_over_fwd", 2), ("status", None)]
+                  ("x_naive", 2), ("x_torch", 2), ("fwdbwd_over_fwd", 2), ("load", None),
+                  ("status", None)]
 MEMORY_COLUMNS = ["op", "workload", "backend", "output_mib", "added_peak_mib", "limit_mib",
-                  "ok", "seconds", "gflops", "error"]
+                  "ok", "seconds", "gflops", "load", "error"]
 
 
 def _memory_view(row: dict) -> dict:
@@ -332,13 +335,17 @@ def markdown(machine: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _round(value: object) -> object:
+    return float(f"{value:.4g}") if isinstance(value, float) else value
+
+
 def _flat(row: dict, machine: dict) -> dict:
     flat = {}
     for key, value in row.items():
         if isinstance(value, list):
-            flat.update({f"{key}_{s}": v for s, v in zip(("median", "min", "max"), value)})
+            flat.update({f"{key}_{s}": _round(v) for s, v in zip(("median", "min", "max"), value)})
         else:
-            flat[key] = value
+            flat[key] = _round(value)
     return flat | machine
 
 
@@ -353,7 +360,7 @@ def write_results(directory: Path, command: str) -> None:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
-    payload = {"command": command, "machine": machine, "rows": ROWS}
+    payload = {"command": command, "machine": machine, "rows": [_flat(r, {}) for r in ROWS]}
     (directory / "results.json").write_text(json.dumps(payload, indent=1) + "\n")
 
 
