@@ -45,6 +45,7 @@ LEAKY_SLOPE = 0.1
 MAX_WORDS = 128
 # Bytes of the float32 copies that the host-side norms and Gram matrices work on at a time.
 _HOST_BYTES = 128 << 20
+_MAX_GRID_Y = 65535
 
 _CONFIGS = pick_configs(
     [
@@ -315,20 +316,26 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
     common = dict(IS_MEAN=reduce == "mean", PRECISION=precision,
                   GRAM_PRECISION=gram_precision, NP=next_pow2(n))
 
-    def grid(meta):
-        return (triton.cdiv(n_texts, max(1, meta["BLOCK_W"] // meta["NP"])), n_images)
+    v_norm = _norms(images, image_lengths) if direction in ("i2t", "both") else None
+    gram = _grams(texts, text_lengths) if direction in ("i2t", "both") else None
+    t_norm = _norms(texts, text_lengths) if direction in ("t2i", "both") else None
+    for b0 in range(0, n_images, _MAX_GRID_Y):  # images go on the grid's second axis
+        b1 = min(n_images, b0 + _MAX_GRID_Y)
 
-    if direction in ("i2t", "both"):
-        _scan_i2t_kernel[grid](
-            images, v_len, _norms(images, image_lengths), texts, t_len,
-            _grams(texts, text_lengths), total, n_texts, m, n, dim, float(lambda_softmax),
-            ACCUMULATE=False, **common,
-        )
-    if direction in ("t2i", "both"):
-        _scan_t2i_kernel[grid](
-            images, v_len, texts, t_len, _norms(texts, text_lengths), total,
-            n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=direction == "both", **common,
-        )
+        def grid(meta, count=b1 - b0):
+            return (triton.cdiv(n_texts, max(1, meta["BLOCK_W"] // meta["NP"])), count)
+
+        if direction in ("i2t", "both"):
+            _scan_i2t_kernel[grid](
+                images[b0:b1], v_len[b0:b1], v_norm[b0:b1], texts, t_len, gram, total[b0:b1],
+                n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=False, **common,
+            )
+        if direction in ("t2i", "both"):
+            _scan_t2i_kernel[grid](
+                images[b0:b1], v_len[b0:b1], texts, t_len, t_norm, total[b0:b1],
+                n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=direction == "both",
+                **common,
+            )
     return total
 
 
