@@ -4,6 +4,8 @@ Run on a CUDA machine with the project installed (it installs nothing)::
 
     python benchmarks/gpu_report.py --quick            # under ~5 minutes
     python benchmarks/gpu_report.py --out report.md    # full SPEC 5 sizes
+    TRITON_INTERPRET=1 python benchmarks/gpu_report.py --smoke --out /tmp/r.md  # no GPU:
+                                                       # tiny sizes, checks the script itself
 
 Every timed row of a workload is measured in the same run, interleaved over ``--rounds``
 rounds, and reported as the median (range): the triton backend, the naive way
@@ -16,6 +18,7 @@ that cuBLAS reaches on a large bf16 GEMM of the same ``D``. Writes a markdown re
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -89,33 +92,40 @@ class Workload:
         return out
 
 
-def workloads(quick: bool) -> list[Workload]:
-    """SPEC 5's GPU workloads; ``quick`` cuts the gallery sizes (ratios stay comparable)."""
-    g = (1000, 5000) if quick else (5000, 25000)
-    hat = (500, 2500) if quick else (5000, 25000)
+def workloads(mode: str) -> list[Workload]:
+    """SPEC 5's GPU workloads; ``quick`` cuts the gallery sizes (ratios stay comparable),
+    ``smoke`` runs tiny ones (the script's own check, on CPU under the interpreter)."""
+    g = {"smoke": (6, 10), "quick": (1000, 5000), "full": (5000, 25000)}[mode]
+    hat = {"smoke": (3, 5), "quick": (500, 2500), "full": (5000, 25000)}[mode]
+    d_max, d_hat = (16, 16) if mode == "smoke" else (1024, 768)
+    levels = [(40, 32, d_hat), (20, 32, d_hat), (9, 32, d_hat)] if mode == "smoke" else \
+        [(784, 32, d_hat), (196, 32, d_hat), (49, 32, d_hat)]
     return [
-        Workload("G1 max t2i mean", *g, [(49, 32, 1024)], "max", "t2i", "mean"),
-        Workload("G3 TERAN max t2i sum", *g, [(36, 32, 1024)], "max", "t2i", "sum"),
-        Workload("scan i2t mean (49 tokens)", *g, [(49, 32, 768)], "scan", "i2t", "mean"),
-        Workload("G2 HAT 3 levels scan i2t mean", *hat, [(784, 32, 768), (196, 32, 768),
-                                                          (49, 32, 768)],
-                 "scan", "i2t", "mean", note="peak memory checked"),
+        Workload("G1 max t2i mean", *g, [(49, 32, d_max)], "max", "t2i", "mean"),
+        Workload("G3 TERAN max t2i sum", *g, [(36, 32, d_max)], "max", "t2i", "sum"),
+        Workload("scan i2t mean (49 tokens)", *g, [(49, 32, d_hat)], "scan", "i2t", "mean"),
+        Workload("G2 HAT 3 levels scan i2t mean", *hat, levels, "scan", "i2t", "mean"),
     ]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _sync_time(fn: Callable[[], object]) -> float:
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     fn()
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - start
 
 
-def gemm_rate(dim: int, dtype: torch.dtype, size: int = 16384) -> float:
+def gemm_rate(dim: int, dtype: torch.dtype, device: str, size: int = 16384) -> float:
     """FLOP/s of cuBLAS on ``[size, dim] x [dim, size]`` (the ceiling's rate)."""
-    a = torch.randn(size, dim, device="cuda", dtype=dtype)
-    b = torch.randn(dim, size, device="cuda", dtype=dtype)
-    out = torch.empty(size, size, device="cuda", dtype=dtype)
+    a = torch.randn(size, dim, device=device, dtype=dtype)
+    b = torch.randn(dim, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
     torch.mm(a, b, out=out)
     best = min(_sync_time(lambda: torch.mm(a, b, out=out)) for _ in range(5))
     return 2.0 * size * size * dim / best
@@ -140,15 +150,17 @@ def _fmt(ts: list[float]) -> str:
     return f"{1e3 * statistics.median(ts):.1f} ({1e3 * min(ts):.1f}-{1e3 * max(ts):.1f})"
 
 
-def check_correctness(dtype: torch.dtype) -> list[str]:
+def check_correctness(dtype: torch.dtype, device: str, smoke: bool) -> list[str]:
     """Triton vs torch backend at realistic sizes: scores and gradients of every mode."""
     lines = ["| check | rel err scores | rel err grads (images, texts) |", "|---|---|---|"]
+    n_images, n_texts = (3, 4) if smoke else (64, 320)
+    levels = [(20, 8, 12), (9, 8, 12)] if smoke else [(196, 32, 768), (49, 32, 768)]
     for pooling in ("max", "scan"):
         for direction in ("t2i", "i2t", "both"):
-            w = Workload("check", 64, 320, [(196, 32, 768), (49, 32, 768)], pooling, direction,
-                         "mean")
-            w.make("cuda", dtype, seed=1)
-            cot = torch.randn(64, 320, device="cuda")
+            w = Workload("check", n_images, n_texts, levels, pooling, direction, "mean",
+                         min_words=2)
+            w.make(device, dtype, seed=1)
+            cot = torch.randn(n_images, n_texts, device=device)
             results = []
             for backend in ("triton", "torch"):
                 out = w.call(backend, requires_grad=True)
@@ -156,7 +168,8 @@ def check_correctness(dtype: torch.dtype) -> list[str]:
                 results.append((out.detach(), grads))
             (out, grads), (ref, ref_grads) = results
             g_err = [rel_err(g, r) for g, r in zip(grads, ref_grads)]
-            lines.append(f"| {pooling} {direction} mean, {dtype} | {rel_err(out, ref):.2e} | "
+            lines.append(f"| {pooling} {direction} mean, {str(dtype)[6:]} | "
+                         f"{rel_err(out, ref):.2e} | "
                          + ", ".join(f"{e:.2e}" for e in g_err) + " |")
     return lines
 
@@ -175,16 +188,15 @@ def bench_workload(w: Workload, rate: float, rounds: int, with_naive: bool) -> l
     with torch.no_grad():
         times = time_rows(rows, rounds)
         triton_out = w.call("triton")
-        errs = {"torch backend": rel_err(triton_out, w.call("torch"))} if "torch backend" in rows \
-            else {}
+        errs = {"triton": f"{rel_err(triton_out, w.call('torch')):.1e}"} \
+            if "torch backend" in rows else {}
     lines = []
     base = statistics.median(times["triton"])
     for name, ts in times.items():
         med = statistics.median(ts)
-        lines.append(f"| {w.name} | {name} | {_fmt(ts)} | {flops / med / 1e12:.1f} | "
-                     f"{ceiling / med:.2f} | {med / base:.2f} | "
-                     f"{errs.get(name, float('nan')):.1e} |")
-    lines.append(f"| {w.name} | GEMM ceiling | {1e3 * ceiling:.1f} | {rate / 1e12:.1f} | 1.00 "
+        lines.append(f"| {w.name} | {name} | {_fmt(ts)} | {flops / med / 1e12:.3g} | "
+                     f"{ceiling / med:.2f} | {med / base:.2f} | {errs.get(name, '')} |")
+    lines.append(f"| {w.name} | GEMM ceiling | {1e3 * ceiling:.1f} | {rate / 1e12:.3g} | 1.00 "
                  f"| {ceiling / base:.2f} | {rows_note} |")
     return lines
 
@@ -193,12 +205,17 @@ def peak_memory(w: Workload) -> list[str]:
     """Peak allocated during HAT's 3-level scoring vs inputs + output + 1 GiB (issue 4)."""
     inputs = sum(x.numel() * x.element_size() for x in w.tensors["images"] + w.tensors["texts"])
     output = w.images * w.texts * 4
+    if not torch.cuda.is_available():
+        elapsed = _sync_time(lambda: w.call("triton"))
+        return [f"- {w.name} ({w.images} x {w.texts}): {elapsed:.2f} s; no CUDA, no memory "
+                "statistics"]
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
     with torch.no_grad():
         elapsed = _sync_time(lambda: w.call("triton"))
     peak = torch.cuda.max_memory_allocated() - before
+    torch.cuda.empty_cache()
     limit = output + (1 << 30)
     return [f"- {w.name} ({w.images} x {w.texts}): {elapsed:.2f} s (target < 30 s at 5,000 x "
             f"25,000); inputs {inputs / 2**30:.2f} GiB; peak beyond the inputs "
@@ -206,13 +223,14 @@ def peak_memory(w: Workload) -> list[str]:
             f"{'OK' if peak <= limit else 'OVER'}"]
 
 
-def backward_ratio(rounds: int) -> list[str]:
+def backward_ratio(rounds: int, device: str, smoke: bool) -> list[str]:
     """T1 (SPEC 5): forward vs forward + backward, max and scan, bfloat16."""
     lines = ["| T1 training step | forward ms | forward+backward ms | backward / forward |",
              "|---|---|---|---|"]
     for pooling, direction in (("max", "t2i"), ("scan", "i2t")):
-        w = Workload("T1", 128, 640, [(49, 32, 768)], pooling, direction, "mean")
-        w.make("cuda", torch.bfloat16, seed=2)
+        sizes = (4, 6, [(9, 8, 16)]) if smoke else (128, 640, [(49, 32, 768)])
+        w = Workload("T1", *sizes, pooling, direction, "mean", min_words=2)
+        w.make(device, torch.bfloat16, seed=2)
 
         def fwd(w=w):
             with torch.no_grad():
@@ -237,8 +255,9 @@ def _machine() -> str:
                                 capture_output=True, text=True).stdout.strip()
     except OSError:
         commit = "?"
-    return (f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
-            f"{triton.__version__}, commit {commit or '?'}")
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        "CPU under TRITON_INTERPRET=1 (a smoke run: timings mean nothing)"
+    return f"{name}, torch {torch.__version__}, triton {triton.__version__}, commit {commit or '?'}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,38 +265,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="markdown report path")
     parser.add_argument("--quick", action="store_true",
                         help="reduced gallery sizes and rounds (under ~5 minutes)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny sizes; runs on CPU under TRITON_INTERPRET=1 (tests the script)")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive baseline")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_report: no CUDA device; nothing measured", file=sys.stderr)
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not torch.cuda.is_available() and not (args.smoke and interpreting):
+        print("gpu_report: no CUDA device (only --smoke runs without one, under "
+              "TRITON_INTERPRET=1); nothing measured", file=sys.stderr)
         return 2
     import hatkernels
 
-    rounds = args.rounds or (3 if args.quick else 5)
+    device = "cpu" if interpreting else "cuda"
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    rounds = args.rounds or {"smoke": 1, "quick": 3, "full": 5}[mode]
     dtype = torch.bfloat16
     report = [f"# triton backend on {_machine()}", "",
-              f"available_backends('cuda'): {hatkernels.available_backends('cuda')}", "",
-              "## Correctness vs the torch backend (64 x 320, levels 196 and 49, D = 768)", ""]
-    report += check_correctness(dtype) + check_correctness(torch.float32)
-    rates = {d: gemm_rate(d, dtype) for d in (768, 1024)}
-    report += ["", f"## Scoring ({dtype}, median (range) of {rounds} interleaved rounds)", "",
-               "Ratio: ceiling time / time (1.0 = the GEMM rate on valid-token similarity FLOPs).",
-               "", "| workload | method | ms | TFLOP/s | x GEMM rate | time / triton "
-               "| rel err vs torch |", "|---|---|---|---|---|---|---|"]
+              f"available_backends({device!r}): {hatkernels.available_backends(device)}", "",
+              "## Correctness vs the torch backend", ""]
+    report += check_correctness(dtype, device, args.smoke)
+    report += [""] + check_correctness(torch.float32, device, args.smoke)
+    gemm_size = 256 if args.smoke else 16384
+    rates = {d: gemm_rate(d, dtype, device, gemm_size) for d in (16, 768, 1024)
+             if (d == 16) == args.smoke}
+    report += ["", f"## Scoring ({str(dtype)[6:]}, median (range) of {rounds} interleaved "
+               "rounds)", "", "x GEMM rate: ceiling time / time (1.0 = the cuBLAS rate on the "
+               "valid-token similarity FLOPs).", "",
+               "| workload | method | ms | TFLOP/s | x GEMM rate | time / triton "
+               "| rel err vs torch backend |", "|---|---|---|---|---|---|---|"]
     hat = None
-    for w in workloads(args.quick):
-        w.make("cuda", dtype)
+    for w in workloads(mode):
+        w.make(device, dtype)
         report += bench_workload(w, rates[w.levels[0][2]], rounds, not args.no_naive)
         if w.name.startswith("G2"):
             hat = w
         else:
             w.tensors = {}
-            torch.cuda.empty_cache()
     report += ["", "## HAT three-level scoring: time and peak memory", ""] + peak_memory(hat)
     hat.tensors = {}
-    torch.cuda.empty_cache()
-    report += ["", "## Backward vs forward", ""] + backward_ratio(rounds)
+    report += ["", "## Backward vs forward (T1, bfloat16)", ""]
+    report += backward_ratio(rounds, device, args.smoke)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(report) + "\n")
     print("\n".join(report))
