@@ -158,6 +158,17 @@ def _pair_grads(win_ptr, grad_ptr, stride_gk, stride_gq, ridx, rmask, k_item, k_
 
 
 @triton.jit
+def _grad_dot(p, x, acc, PRECISION: tl.constexpr):
+    """``acc + p @ x`` for float32 gradients ``p``: bfloat16 and float32 operands in ``x``'s
+    dtype; float16 through TF32 instead, since small gradients underflow float16's range."""
+    if x.dtype == tl.float16:
+        out = mma(p, x.to(tl.float32), acc, "tf32")
+    else:
+        out = mma(p.to(x.dtype), x, acc, PRECISION)
+    return out
+
+
+@triton.jit
 def _query_weights(q_seg_ptr, q_len_ptr, cols, cmask, IS_MEAN: tl.constexpr):
     q_item = tl.load(q_seg_ptr + cols, mask=cmask, other=0)
     if IS_MEAN:
@@ -196,7 +207,7 @@ def _grad_query_kernel(
                         k_item_base, cols, cmask, q_item, weight, n_q)
         kt = tl.load(k_ptr + k_rows[:, None] * D + dd[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
-        acc = mma(tl.trans(p).to(kt.dtype), kt, acc, PRECISION)
+        acc = _grad_dot(tl.trans(p), kt, acc, PRECISION)
     q_rows = tl.load(q_rows_ptr + cols, mask=cmask, other=0).to(tl.int64)
     where = dq_ptr + q_rows[:, None] * D + dd[None, :]
     both = cmask[:, None] & dmask[None, :]
@@ -233,7 +244,7 @@ def _grad_key_kernel(
         q_rows = tl.load(q_rows_ptr + cols, mask=cmask, other=0).to(tl.int64)
         qt = tl.load(q_ptr + q_rows[:, None] * D + dd[None, :],
                      mask=cmask[:, None] & dmask[None, :], other=0.0)
-        acc = mma(p.to(qt.dtype), qt, acc, PRECISION)
+        acc = _grad_dot(p, qt, acc, PRECISION)
     k_rows = tl.load(k_rows_ptr + ridx, mask=rmask, other=0).to(tl.int64)
     where = dk_ptr + k_rows[:, None] * D + dd[None, :]
     both = rmask[:, None] & dmask[None, :]

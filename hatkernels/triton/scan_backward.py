@@ -245,11 +245,13 @@ def _zero_padded(x: Tensor, lengths: Tensor, dtype: torch.dtype) -> Tensor:
 def _apply_ds(images: Tensor, texts: Tensor, image_lengths: Tensor, text_lengths: Tensor,
               launch: Callable[[Tensor, int, int], None]) -> tuple[Tensor, Tensor]:
     """``dV = dS T`` and ``dT = dS^T V`` (float32) with ``dS`` produced by ``launch(d_s, base,
-    count)`` for chunks of images; the GEMMs run in the inputs' dtype (float32 stays exact
-    unless TF32 was opted into) over zero-padded copies, so padding gets exactly 0."""
+    count)`` for chunks of images. The GEMMs run over zero-padded copies (padding gets exactly
+    0) in the inputs' dtype: float32 stays exact unless TF32 was opted into; float16 inputs use
+    bfloat16 instead, whose range holds small gradients and large sums alike."""
     (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
-    v0 = _zero_padded(images, image_lengths, images.dtype)
-    t0 = _zero_padded(texts, text_lengths, texts.dtype).reshape(n_texts * n, dim)
+    dtype = torch.bfloat16 if images.dtype == torch.float16 else images.dtype
+    v0 = _zero_padded(images, image_lengths, dtype)
+    t0 = _zero_padded(texts, text_lengths, dtype).reshape(n_texts * n, dim)
     d_images = torch.empty(n_images, m, dim, dtype=torch.float32, device=images.device)
     d_texts = torch.zeros(n_texts * n, dim, dtype=torch.float32, device=images.device)
     chunk = max(1, min(n_images, _DS_BYTES // (4 * m * n_texts * n)))
@@ -258,7 +260,7 @@ def _apply_ds(images: Tensor, texts: Tensor, image_lengths: Tensor, text_lengths
         count = min(chunk, n_images - base)
         d_s.zero_()
         launch(d_s, base, count)
-        block = d_s[:count].to(images.dtype)
+        block = d_s[:count].to(dtype)
         d_images[base : base + count] = torch.matmul(block, t0).float()
         rows = v0[base : base + count].reshape(-1, dim)
         d_texts += (block.reshape(count * m, -1).T @ rows).float()
