@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/max_align_gemm.h"
 #include "cpu/max_align_pool.h"
 #include "cpu/max_align_tiles.h"
 
@@ -39,37 +40,79 @@ namespace {
 
 using max_tiles::Packed;
 
-constexpr int64_t kTileRows = 400;
-constexpr int64_t kTileCols = 384;
+// Tile targets (tokens): forward tiles hold C and both operand panels in L2; backward tiles
+// are smaller since the scatter also touches the gradient rows of both sides.
+constexpr int64_t kTileRows = 400, kTileCols = 384;
+constexpr int64_t kBackwardRows = 200, kBackwardCols = 192;
 
 struct Plan {
   Packed v, t;
   std::vector<int64_t> ig, cg;  // group boundaries (items)
-  int64_t max_rows, max_cols, max_caps;
+  int64_t max_rows = 0, max_cols = 0, max_caps = 0, max_imgs = 0;
+  max_gemm::Rows v_rows, t_rows;  // valid rows read straight from the inputs
+  // GEMM operands: register-blocked panels (AVX-512) or row-major packed valid tokens.
+  max_gemm::AlignedFloats a, b;
+  std::vector<int64_t> b_start;  // per caption group: first float of its operand in b
 };
 
-Plan make_plan(const Problem& p) {
+Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols) {
   max_tiles::check_lengths(p.image_lengths, p.bi, p.m_max, "image_lengths");
   max_tiles::check_lengths(p.text_lengths, p.bt, p.n_max, "text_lengths");
-  Plan plan{max_tiles::pack_valid(p.images, p.image_lengths, p.bi, p.m_max, p.d),
-            max_tiles::pack_valid(p.texts, p.text_lengths, p.bt, p.n_max, p.d),
-            {}, {}, 0, 0, 0};
-  plan.ig = max_tiles::group_items(plan.v.off, kTileRows);
-  plan.cg = max_tiles::group_items(plan.t.off, kTileCols);
+  Plan plan;
+  plan.v = max_tiles::index_valid(p.image_lengths, p.bi);
+  plan.t = max_tiles::index_valid(p.text_lengths, p.bt);
+  plan.ig = max_tiles::group_items(plan.v.off, tile_rows);
+  plan.cg = max_tiles::group_items(plan.t.off, tile_cols);
   plan.max_rows = max_tiles::max_group_rows(plan.ig, plan.v.off);
   plan.max_cols = max_tiles::max_group_rows(plan.cg, plan.t.off);
   for (size_t k = 0; k + 1 < plan.cg.size(); ++k)
     plan.max_caps = std::max(plan.max_caps, plan.cg[k + 1] - plan.cg[k]);
+  for (size_t k = 0; k + 1 < plan.ig.size(); ++k)
+    plan.max_imgs = std::max(plan.max_imgs, plan.ig[k + 1] - plan.ig[k]);
+  plan.v_rows = {p.images, plan.v.off.data(), plan.v.owner.data(), p.m_max, p.d};
+  plan.t_rows = {p.texts, plan.t.off.data(), plan.t.owner.data(), p.n_max, p.d};
+
+  const int64_t d = p.d, n_ig = plan.ig.size() - 1, n_cg = plan.cg.size() - 1;
+  const int64_t pad = max_gemm::kPanels ? max_gemm::kNR : 1;
+  plan.b_start.assign(n_cg + 1, 0);
+  for (int64_t g = 0; g < n_cg; ++g) {
+    const int64_t cols = plan.t.off[plan.cg[g + 1]] - plan.t.off[plan.cg[g]];
+    plan.b_start[g + 1] = plan.b_start[g] + (cols + pad - 1) / pad * pad * d;
+  }
+  plan.a = max_gemm::aligned_floats(plan.v.rows * d);
+  plan.b = max_gemm::aligned_floats(plan.b_start[n_cg]);
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t k = 0; k < n_ig + n_cg; ++k) {
+    if (k < n_ig) {
+      const int64_t r0 = plan.v.off[plan.ig[k]], rows = plan.v.off[plan.ig[k + 1]] - r0;
+      if constexpr (max_gemm::kPanels) {
+        max_gemm::pack_row_blocks(plan.v_rows, r0, rows, plan.a.get());
+      } else {
+        for (int64_t r = r0; r < r0 + rows; ++r)
+          std::memcpy(plan.a.get() + r * d, plan.v_rows.row(r), sizeof(float) * d);
+      }
+    } else {
+      const int64_t g = k - n_ig;
+      const int64_t w0 = plan.t.off[plan.cg[g]], cols = plan.t.off[plan.cg[g + 1]] - w0;
+      float* dst = plan.b.get() + plan.b_start[g];
+      if constexpr (max_gemm::kPanels) {
+        max_gemm::pack_col_strips(plan.t_rows, w0, cols, dst);
+      } else {
+        for (int64_t w = 0; w < cols; ++w)
+          std::memcpy(dst + w * d, plan.t_rows.row(w0 + w), sizeof(float) * d);
+      }
+    }
+  }
   return plan;
 }
 
 // The tile's similarities C [rows, cols] for image group a and caption group b.
 struct Tile {
-  int64_t i0, i1, j0, j1, r0, rows, w0, cols;
+  int64_t a, b, i0, i1, j0, j1, r0, rows, w0, cols;
 };
 
 Tile tile_of(const Plan& plan, int64_t a, int64_t b) {
-  Tile t{plan.ig[a], plan.ig[a + 1], plan.cg[b], plan.cg[b + 1], 0, 0, 0, 0};
+  Tile t{a, b, plan.ig[a], plan.ig[a + 1], plan.cg[b], plan.cg[b + 1], 0, 0, 0, 0};
   t.r0 = plan.v.off[t.i0];
   t.rows = plan.v.off[t.i1] - t.r0;
   t.w0 = plan.t.off[t.j0];
@@ -78,8 +121,13 @@ Tile tile_of(const Plan& plan, int64_t a, int64_t b) {
 }
 
 void similarities(const Plan& plan, const Tile& t, int64_t d, float* c) {
-  gemm_nt(t.rows, t.cols, d, plan.v.data.get() + t.r0 * d, d, plan.t.data.get() + t.w0 * d, d,
-          c, t.cols);
+  const float* a = plan.a.get() + t.r0 * d;
+  const float* b = plan.b.get() + plan.b_start[t.b];
+#if defined(__AVX512F__)
+  max_gemm::panel_gemm(a, t.rows, b, t.cols, d, c, t.cols);
+#else
+  gemm_nt(t.rows, t.cols, d, a, d, b, d, c, t.cols);
+#endif
 }
 
 // Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps).
@@ -135,40 +183,61 @@ bool block_is_zero(const Problem& p, const Tile& t, const float* g) {
   return true;
 }
 
-// Scatters the gradient of tile t (similarities in c) into dv / dt.
+// Scatters the gradient of tile t (similarities in c) into dv / dt. Loop orders keep the
+// query token's rows in L1: t2i runs word by word over the tile's images (winners of all
+// images first, idx [images, cols]), i2t image token by image token over the captions.
 void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c,
-                   const float* g, float* q, int32_t* idx, const RowDest& dv, const RowDest& dt) {
+                   const float* g, float* q, int32_t* idx, float* coef, const RowDest& dv,
+                   const RowDest& dt) {
   const int64_t d = p.d;
-  const float* vp = plan.v.data.get();
-  const float* tp = plan.t.data.get();
-  const bool t2i = p.direction != kI2T, i2t = p.direction != kT2I;
-  for (int64_t i = t.i0; i < t.i1; ++i) {
-    const int64_t m = p.image_lengths[i], vr0 = plan.v.off[i];
-    const float* ci = c + (vr0 - t.r0) * t.cols;
-    if (t2i) {
-      max_pool::column_argmax(ci, t.cols, m, t.cols, q, idx);
-      for (int64_t j = t.j0; j < t.j1; ++j) {
-        const int64_t n = p.text_lengths[j];
-        const float coef = g[i * p.bt + j] / (p.mean ? static_cast<float>(n) : 1.f);
-        if (coef == 0.f) continue;
-        for (int64_t w = plan.t.off[j]; w < plan.t.off[j] + n; ++w) {
-          const int64_t r = vr0 + idx[w - t.w0];
-          max_pool::axpy(dv.row(r), coef, tp + w * d, d);
-          max_pool::axpy(dt.row(w), coef, vp + r * d, d);
+  if (p.direction != kI2T) {
+    for (int64_t i = t.i0; i < t.i1; ++i) {
+      const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
+      max_pool::column_argmax(ci, t.cols, p.image_lengths[i], t.cols, q,
+                              idx + (i - t.i0) * t.cols);
+    }
+    for (int64_t j = t.j0; j < t.j1; ++j) {
+      const int64_t n = p.text_lengths[j];
+      bool any = false;
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        coef[i - t.i0] = g[i * p.bt + j] / (p.mean ? static_cast<float>(n) : 1.f);
+        any = any || coef[i - t.i0] != 0.f;
+      }
+      if (!any) continue;
+      for (int64_t w = plan.t.off[j]; w < plan.t.off[j] + n; ++w) {
+        const float* tw = plan.t_rows.row(w);
+        float* dtw = dt.row(w);
+        for (int64_t i = t.i0; i < t.i1; ++i) {
+          const float a = coef[i - t.i0];
+          if (a == 0.f) continue;
+          const int64_t r = plan.v.off[i] + idx[(i - t.i0) * t.cols + w - t.w0];
+          max_pool::axpy(dv.row(r), a, tw, d);
+          max_pool::axpy(dtw, a, plan.v_rows.row(r), d);
         }
       }
     }
-    if (i2t) {
+  }
+  if (p.direction != kT2I) {
+    for (int64_t i = t.i0; i < t.i1; ++i) {
+      const int64_t m = p.image_lengths[i], vr0 = plan.v.off[i];
       const float scale = p.mean ? 1.f / static_cast<float>(m) : 1.f;
+      bool any = false;
       for (int64_t j = t.j0; j < t.j1; ++j) {
-        const float coef = g[i * p.bt + j] * scale;
-        if (coef == 0.f) continue;
-        const int64_t tw0 = plan.t.off[j];
-        for (int64_t r = vr0; r < vr0 + m; ++r) {
-          const float* cr = ci + (r - vr0) * t.cols + (tw0 - t.w0);
-          const int64_t w = tw0 + max_pool::segment_argmax(cr, p.text_lengths[j]);
-          max_pool::axpy(dv.row(r), coef, tp + w * d, d);
-          max_pool::axpy(dt.row(w), coef, vp + r * d, d);
+        coef[j - t.j0] = g[i * p.bt + j] * scale;
+        any = any || coef[j - t.j0] != 0.f;
+      }
+      if (!any) continue;
+      for (int64_t r = vr0; r < vr0 + m; ++r) {
+        const float* cr = c + (r - t.r0) * t.cols;
+        const float* vr = plan.v_rows.row(r);
+        float* dvr = dv.row(r);
+        for (int64_t j = t.j0; j < t.j1; ++j) {
+          const float a = coef[j - t.j0];
+          if (a == 0.f) continue;
+          const int64_t tw0 = plan.t.off[j];
+          const int64_t w = tw0 + max_pool::segment_argmax(cr + tw0 - t.w0, p.text_lengths[j]);
+          max_pool::axpy(dvr, a, plan.t_rows.row(w), d);
+          max_pool::axpy(dt.row(w), a, vr, d);
         }
       }
     }
@@ -178,7 +247,7 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
 }  // namespace
 
 void max_align_forward(const Problem& p, float* out) {
-  const Plan plan = make_plan(p);
+  const Plan plan = make_plan(p, kTileRows, kTileCols);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
 #pragma omp parallel
@@ -198,14 +267,20 @@ void max_align_forward(const Problem& p, float* out) {
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
                         float* grad_texts) {
-  const Plan plan = make_plan(p);
+  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols);
   const int64_t d = p.d;
   std::fill(grad_images, grad_images + p.bi * p.m_max * d, 0.f);
   std::fill(grad_texts, grad_texts + p.bt * p.n_max * d, 0.f);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
-  // The parallel side owns its gradient rows; the outer side goes through partials.
-  const bool images_parallel = n_ig >= n_cg;
+  // The parallel side owns its gradient rows; the outer side goes through partials, which
+  // stay in L2. The side whose rows receive the scattered (winner) updates should be the
+  // outer one: images for t2i and both, captions for i2t; unless that leaves too few tiles
+  // to share among the threads.
+  const int64_t enough = 4 * static_cast<int64_t>(omp_get_max_threads());
+  bool images_parallel = p.direction == kI2T;
+  if ((images_parallel ? n_ig : n_cg) < enough && (images_parallel ? n_cg : n_ig) >= enough)
+    images_parallel = !images_parallel;
   const int64_t n_outer = images_parallel ? n_cg : n_ig;
   const int64_t n_inner = images_parallel ? n_ig : n_cg;
   const Packed& outer_packed = images_parallel ? plan.t : plan.v;
@@ -219,7 +294,8 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
     const max_tiles::SingleThreadedBlas one_blas_thread;
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     auto q = max_tiles::scratch(plan.max_cols);
-    std::vector<int32_t> idx(std::max<int64_t>(plan.max_cols, 1));
+    std::vector<int32_t> idx(std::max<int64_t>(plan.max_imgs * plan.max_cols, 1));
+    auto coef = max_tiles::scratch(std::max(plan.max_imgs, plan.max_caps));
     auto partial = max_tiles::scratch(partial_rows * d);
     partials[omp_get_thread_num()] = partial.get();
     const int n_threads = omp_get_num_threads();
@@ -235,7 +311,7 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
         const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
         if (block_is_zero(p, t, grad_out)) continue;
         similarities(plan, t, d, c.get());
-        backward_tile(p, plan, t, c.get(), grad_out, q.get(), idx.data(),
+        backward_tile(p, plan, t, c.get(), grad_out, q.get(), idx.data(), coef.get(),
                       images_parallel ? dv_direct : to_partial,
                       images_parallel ? to_partial : dt_direct);
       }

@@ -17,9 +17,8 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace hatkernels::cpu::max_tiles {
 
-// The valid tokens of one side, contiguous: item b's tokens are rows [off[b], off[b + 1]).
+// Where the valid tokens of one side lie: item b's tokens are packed rows [off[b], off[b + 1]).
 struct Packed {
-  std::unique_ptr<float[]> data;
   std::vector<int64_t> off;     // size items + 1
   std::vector<int32_t> owner;   // packed row -> item
   int64_t rows = 0;
@@ -35,22 +34,15 @@ inline void check_lengths(const int64_t* len, int64_t items, int64_t max_len, co
   }
 }
 
-// Copies the first len[b] rows of every item of x [items, max_len, d]; padding is never read.
-inline Packed pack_valid(const float* x, const int64_t* len, int64_t items, int64_t max_len,
-                         int64_t d) {
+inline Packed index_valid(const int64_t* len, int64_t items) {
   Packed p;
   p.off.resize(items + 1);
   p.off[0] = 0;
   for (int64_t b = 0; b < items; ++b) p.off[b + 1] = p.off[b] + len[b];
   p.rows = p.off[items];
-  p.data.reset(new float[std::max<int64_t>(p.rows * d, 1)]);
   p.owner.resize(p.rows);
-  float* dst = p.data.get();
-#pragma omp parallel for schedule(static)
-  for (int64_t b = 0; b < items; ++b) {
-    std::memcpy(dst + p.off[b] * d, x + b * max_len * d, sizeof(float) * len[b] * d);
-    for (int64_t r = p.off[b]; r < p.off[b + 1]; ++r) p.owner[r] = static_cast<int32_t>(b);
-  }
+  for (int64_t b = 0; b < items; ++b)
+    std::fill(p.owner.begin() + p.off[b], p.owner.begin() + p.off[b + 1], static_cast<int32_t>(b));
   return p;
 }
 
