@@ -6,6 +6,7 @@ interpreter (slow; how CI tests them). "auto" never picks it on CPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -22,6 +23,11 @@ except ImportError as exc:
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class TritonBackend(Backend):
@@ -42,25 +48,30 @@ class TritonBackend(Backend):
                   memory_budget):
         from hatkernels.triton.max_align import max_align_forward
 
-        return max_align_forward(images, texts, image_lengths, text_lengths, direction, reduce)
+        with _on(images.device):
+            return max_align_forward(images, texts, image_lengths, text_lengths, direction,
+                                     reduce)
 
     def max_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
                            reduce, memory_budget):
         from hatkernels.triton.max_align import max_align_backward
 
-        return max_align_backward(grad, images, texts, image_lengths, text_lengths, direction,
-                                  reduce)
+        with _on(images.device):
+            return max_align_backward(grad, images, texts, image_lengths, text_lengths,
+                                      direction, reduce)
 
     def scan_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
                    lambda_softmax, memory_budget):
         from hatkernels.triton.scan_align import scan_align_forward
 
-        return scan_align_forward(images, texts, image_lengths, text_lengths, direction, reduce,
-                                  lambda_softmax)
+        with _on(images.device):
+            return scan_align_forward(images, texts, image_lengths, text_lengths, direction,
+                                      reduce, lambda_softmax)
 
     def scan_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
                             reduce, lambda_softmax, memory_budget):
         from hatkernels.triton.scan_align import scan_align_backward
 
-        return scan_align_backward(grad, images, texts, image_lengths, text_lengths, direction,
-                                   reduce, lambda_softmax)
+        with _on(images.device):
+            return scan_align_backward(grad, images, texts, image_lengths, text_lengths,
+                                       direction, reduce, lambda_softmax)
