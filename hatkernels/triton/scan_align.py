@@ -20,11 +20,11 @@ span the whole ``(r, w)`` block of a pair, so:
   row tiles' attention is recomputed, which costs about ``tiles`` times the similarities:
   HAT's level shapes use ``i2t``).
 
-Each program writes only its ``[1, BT]`` block of the output (for ``both``, the ``t2i``
-kernel adds to the ``i2t`` scores; autotuning restores the output between its trial runs).
-The backward recomputes the
-block under autograd with the torch backend's exact Gram-identity math (see
-``scan_align_backward``).
+Programs run in grouped order (``GROUP`` images x every caption block, as tiled GEMMs do), so
+that a wave of programs shares a few images and a few caption blocks in the L2 cache instead
+of streaming every caption once per image. Each program writes only its ``[1, BT]`` block of
+the output (for ``both`` the ``t2i`` kernel adds to the ``i2t`` scores; autotuning restores
+the output between its trial runs). The backward is in ``scan_backward``.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from torch import Tensor
 
 from hatkernels.backends.torch import TorchBackend
 
-from .max_align import _similarities
+from .max_align import _similarities, _tile_of
 from .utils import dot_precision, next_pow2, pick_configs, zero_padded_float
 
 EPS = 1e-8
@@ -45,7 +45,7 @@ LEAKY_SLOPE = 0.1
 MAX_WORDS = 128
 # Bytes of the float32 copies that the host-side norms and Gram matrices work on at a time.
 _HOST_BYTES = 128 << 20
-_MAX_GRID_Y = 65535
+_MAX_IMAGES = 65535
 
 _CONFIGS = pick_configs(
     [
@@ -150,14 +150,15 @@ def _i2t_tile(v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, 
 @triton.jit
 def _scan_i2t_kernel(
     v_ptr, v_len_ptr, v_norm_ptr, t_ptr, t_len_ptr, gram_ptr, out_ptr,
-    Bt, M, N, D, lam,
+    Bi, Bt, M, N, D, lam,
     IS_MEAN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
     GRAM_PRECISION: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr = 8,
 ):
     W: tl.constexpr = BT * NP
-    j0 = tl.program_id(0) * BT
-    i = tl.program_id(1)
+    i, block = _tile_of(tl.program_id(0), Bi, tl.cdiv(Bt, BT), GROUP)
+    j0 = block * BT
     j, w, cvalid, t_rows = _columns(t_len_ptr, j0, Bt, N, NP, BT)
     m_i = tl.load(v_len_ptr + i)
     v_row0 = i.to(tl.int64) * M
@@ -200,14 +201,15 @@ def _t2i_logits(v_ptr, rows, rvalid, t_ptr, t_rows, cvalid, D, lam,
 @triton.jit
 def _scan_t2i_kernel(
     v_ptr, v_len_ptr, t_ptr, t_len_ptr, t_norm_ptr, out_ptr,
-    Bt, M, N, D, lam,
+    Bi, Bt, M, N, D, lam,
     IS_MEAN: tl.constexpr, ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
     GRAM_PRECISION: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, SINGLE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    GROUP: tl.constexpr = 8,
 ):
     W: tl.constexpr = BT * NP
-    j0 = tl.program_id(0) * BT
-    i = tl.program_id(1)
+    i, block = _tile_of(tl.program_id(0), Bi, tl.cdiv(Bt, BT), GROUP)
+    j0 = block * BT
     j, w, cvalid, t_rows = _columns(t_len_ptr, j0, Bt, N, NP, BT)
     m_i = tl.load(v_len_ptr + i)
     v_row0 = i.to(tl.int64) * M
@@ -319,21 +321,23 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
     v_norm = _norms(images, image_lengths) if direction in ("i2t", "both") else None
     gram = _grams(texts, text_lengths) if direction in ("i2t", "both") else None
     t_norm = _norms(texts, text_lengths) if direction in ("t2i", "both") else None
-    for b0 in range(0, n_images, _MAX_GRID_Y):  # images go on the grid's second axis
-        b1 = min(n_images, b0 + _MAX_GRID_Y)
+    for b0 in range(0, n_images, _MAX_IMAGES):  # bounds the (1D) grid
+        b1 = min(n_images, b0 + _MAX_IMAGES)
 
         def grid(meta, count=b1 - b0):
-            return (triton.cdiv(n_texts, max(1, meta["BLOCK_W"] // meta["NP"])), count)
+            return (triton.cdiv(n_texts, max(1, meta["BLOCK_W"] // meta["NP"])) * count,)
 
         if direction in ("i2t", "both"):
             _scan_i2t_kernel[grid](
                 images[b0:b1], v_len[b0:b1], v_norm[b0:b1], texts, t_len, gram, total[b0:b1],
-                n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=False, **common,
+                b1 - b0, n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=False,
+                **common,
             )
         if direction in ("t2i", "both"):
             _scan_t2i_kernel[grid](
                 images[b0:b1], v_len[b0:b1], texts, t_len, t_norm, total[b0:b1],
-                n_texts, m, n, dim, float(lambda_softmax), ACCUMULATE=direction == "both",
+                b1 - b0, n_texts, m, n, dim, float(lambda_softmax),
+                ACCUMULATE=direction == "both",
                 **common,
             )
     return total
