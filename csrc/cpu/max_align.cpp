@@ -185,16 +185,25 @@ bool block_is_zero(const Problem& p, const Tile& t, const float* g) {
 
 // Scatters the gradient of tile t (similarities in c) into dv / dt. Loop orders keep the
 // query token's rows in L1: t2i runs word by word over the tile's images (winners of all
-// images first, idx [images, cols]), i2t image token by image token over the captions.
+// images first: best/idx/ties [images, cols]), i2t image token by image token over the
+// captions. Exact ties share the gradient equally (torch's amax does the same).
+struct Winners {
+  float* best;
+  int32_t* idx;
+  int32_t* ties;
+  float* coef;
+};
+
 void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c,
-                   const float* g, float* q, int32_t* idx, float* coef, const RowDest& dv,
-                   const RowDest& dt) {
+                   const float* g, const Winners& win, const RowDest& dv, const RowDest& dt) {
   const int64_t d = p.d;
+  float* coef = win.coef;
   if (p.direction != kI2T) {
     for (int64_t i = t.i0; i < t.i1; ++i) {
       const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
-      max_pool::column_argmax(ci, t.cols, p.image_lengths[i], t.cols, q,
-                              idx + (i - t.i0) * t.cols);
+      const int64_t o = (i - t.i0) * t.cols;
+      max_pool::column_argmax(ci, t.cols, p.image_lengths[i], t.cols, win.best + o,
+                              win.idx + o, win.ties + o);
     }
     for (int64_t j = t.j0; j < t.j1; ++j) {
       const int64_t n = p.text_lengths[j];
@@ -210,9 +219,19 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
         for (int64_t i = t.i0; i < t.i1; ++i) {
           const float a = coef[i - t.i0];
           if (a == 0.f) continue;
-          const int64_t r = plan.v.off[i] + idx[(i - t.i0) * t.cols + w - t.w0];
-          max_pool::axpy(dv.row(r), a, tw, d);
-          max_pool::axpy(dtw, a, plan.v_rows.row(r), d);
+          const int64_t o = (i - t.i0) * t.cols + w - t.w0, vr0 = plan.v.off[i];
+          if (win.ties[o] == 1) {
+            const int64_t r = vr0 + win.idx[o];
+            max_pool::axpy(dv.row(r), a, tw, d);
+            max_pool::axpy(dtw, a, plan.v_rows.row(r), d);
+            continue;
+          }
+          const float share = a / static_cast<float>(win.ties[o]);
+          for (int64_t r = vr0; r < vr0 + p.image_lengths[i]; ++r) {
+            if (c[(r - t.r0) * t.cols + w - t.w0] != win.best[o]) continue;
+            max_pool::axpy(dv.row(r), share, tw, d);
+            max_pool::axpy(dtw, share, plan.v_rows.row(r), d);
+          }
         }
       }
     }
@@ -234,10 +253,17 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
         for (int64_t j = t.j0; j < t.j1; ++j) {
           const float a = coef[j - t.j0];
           if (a == 0.f) continue;
-          const int64_t tw0 = plan.t.off[j];
-          const int64_t w = tw0 + max_pool::segment_argmax(cr + tw0 - t.w0, p.text_lengths[j]);
-          max_pool::axpy(dvr, a, plan.t_rows.row(w), d);
-          max_pool::axpy(dt.row(w), a, vr, d);
+          const int64_t tw0 = plan.t.off[j], n = p.text_lengths[j];
+          const float* seg = cr + tw0 - t.w0;
+          int64_t ties = 1;
+          const int64_t k = max_pool::segment_argmax(seg, n, ties);
+          const float share = a / static_cast<float>(ties);
+          for (int64_t l = k; l < n; ++l) {
+            if (l != k && seg[l] != seg[k]) continue;
+            max_pool::axpy(dvr, share, plan.t_rows.row(tw0 + l), d);
+            max_pool::axpy(dt.row(tw0 + l), share, vr, d);
+            if (ties == 1) break;
+          }
         }
       }
     }
@@ -293,9 +319,11 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
   {
     const max_tiles::SingleThreadedBlas one_blas_thread;
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
-    auto q = max_tiles::scratch(plan.max_cols);
-    std::vector<int32_t> idx(std::max<int64_t>(plan.max_imgs * plan.max_cols, 1));
+    const int64_t per_tile = std::max<int64_t>(plan.max_imgs * plan.max_cols, 1);
+    auto best = max_tiles::scratch(per_tile);
+    std::vector<int32_t> idx(per_tile), ties(per_tile);
     auto coef = max_tiles::scratch(std::max(plan.max_imgs, plan.max_caps));
+    const Winners win{best.get(), idx.data(), ties.data(), coef.get()};
     auto partial = max_tiles::scratch(partial_rows * d);
     partials[omp_get_thread_num()] = partial.get();
     const int n_threads = omp_get_num_threads();
@@ -311,7 +339,7 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
         const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
         if (block_is_zero(p, t, grad_out)) continue;
         similarities(plan, t, d, c.get());
-        backward_tile(p, plan, t, c.get(), grad_out, q.get(), idx.data(), coef.get(),
+        backward_tile(p, plan, t, c.get(), grad_out, win,
                       images_parallel ? dv_direct : to_partial,
                       images_parallel ? to_partial : dt_direct);
       }
