@@ -39,8 +39,9 @@ from hatkernels.backends.torch import TorchBackend
 from .max_align import _similarities, _tile_of
 from .utils import dot_precision, next_pow2, pick_configs, zero_padded_float
 
-EPS = 1e-8
-LEAKY_SLOPE = 0.1
+# SPEC 1.2's constants (kernels read globals only as constexpr).
+EPS = tl.constexpr(1e-8)
+LEAKY_SLOPE = tl.constexpr(0.1)
 # Largest caption size (rounded up to a power of two) whose block-diagonal Gram fits a program.
 MAX_WORDS = 128
 # Bytes of the float32 copies that the host-side norms and Gram matrices work on at a time.
@@ -84,7 +85,7 @@ def _write(where, value, mask, ACCUMULATE: tl.constexpr):
 
 @triton.jit
 def _leaky(s):
-    return tl.where(s > 0, s, s * 0.1)
+    return tl.where(s > 0, s, s * LEAKY_SLOPE)
 
 
 @triton.jit

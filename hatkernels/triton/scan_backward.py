@@ -32,6 +32,7 @@ from .scan_align import (
     _CONFIGS,
     _HEURISTICS,
     EPS,
+    LEAKY_SLOPE,
     _caption_grams,
     _columns,
     _grams,
@@ -144,7 +145,8 @@ def _scan_i2t_backward_kernel(
             safe = tl.where(root > 0, root, 1.0)
             through_norm = tl.where(root > 0, -col_db_a / (norm * norm * safe), 0.0)
             d_a = d_b / norm[None, :] + a * through_norm[None, :]
-            d_s = d_a * tl.where(s > 0, 1.0, 0.1) + _broadcast(d_num, BLOCK_R, BT, NP) * alpha
+            d_s = d_a * tl.where(s > 0, 1.0, LEAKY_SLOPE) \
+                + _broadcast(d_num, BLOCK_R, BT, NP) * alpha
             both = rvalid[:, None] & cvalid[None, :]
             ds_rows = ((i - image_base) * M + rows).to(tl.int64) * (Bt * N)
             tl.store(ds_ptr + ds_rows[:, None] + ds_cols[None, :], d_s, mask=both)
@@ -228,7 +230,7 @@ def _scan_t2i_backward_kernel(
         through = tl.where(root > 0, -inner / (norm * norm * tl.where(root > 0, root, 1.0)),
                            0.0)
         d_a = d_b / _broadcast(norm, R, BT, NP) + a * _broadcast(through, R, BT, NP)
-        d_s = d_a * tl.where(s > 0, 1.0, 0.1) + d_num[None, :] * alpha
+        d_s = d_a * tl.where(s > 0, 1.0, LEAKY_SLOPE) + d_num[None, :] * alpha
         both = rvalid[:, None] & cvalid[None, :]
         tl.store(ds_ptr + ds_rows[:, None] + (j.to(tl.int64) * N + w)[None, :], d_s, mask=both)
         d_gram += tl.dot(alpha * d_csq[None, :], tl.trans(alpha), input_precision=GRAM_PRECISION)
