@@ -5,6 +5,7 @@ tiny shapes only, and the interpreter's tiles are 16 wide so that small inputs c
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from hatkernels import hier_align
 
 ROOT = Path(__file__).parents[1]
 ON_GPU = torch.cuda.is_available() and not INTERPRETING
-pytestmark = pytest.mark.skipif(
+needs_kernels = pytest.mark.skipif(
     not (INTERPRETING or ON_GPU), reason="needs a CUDA GPU or TRITON_INTERPRET=1"
 )
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -32,6 +33,7 @@ def _on_device(case):
     return case
 
 
+@needs_kernels
 @pytest.mark.parametrize("pooling,direction,reduce", MODES)
 def test_every_mode_float32(pooling, direction, reduce):
     """Two levels: 40 image tokens (several 16-row tiles, items straddling tiles) at odd
@@ -41,6 +43,7 @@ def test_every_mode_float32(pooling, direction, reduce):
                             direction=direction, reduce=reduce, weights=[1.0, 0.5])
 
 
+@needs_kernels
 @pytest.mark.parametrize("pooling", ["max", "scan"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 def test_low_precision(pooling, dtype):
@@ -50,6 +53,7 @@ def test_low_precision(pooling, dtype):
                                 reduce=reduce)
 
 
+@needs_kernels
 @pytest.mark.parametrize("pooling", ["max", "scan"])
 def test_one_token_items(pooling):
     case = _on_device(make_case(13, 3, 4, [(1, 1, 6), (3, 2, 7)]))
@@ -58,6 +62,7 @@ def test_one_token_items(pooling):
                                 direction=direction, reduce="mean")
 
 
+@needs_kernels
 @pytest.mark.parametrize("pooling", ["max", "scan"])
 def test_matches_torch_backend(pooling):
     case = make_case(14, 5, 6, [(18, 10, 16)])
@@ -70,6 +75,7 @@ def test_matches_torch_backend(pooling):
     assert float((out - ref).norm() / ref.norm()) <= TOLERANCE[torch.float32][0]
 
 
+@needs_kernels
 @pytest.mark.parametrize("pooling", ["max", "scan"])
 def test_padding_never_read(pooling):
     """NaN, Inf or huge padding gives bit-identical scores and gradients, zero on padding."""
@@ -94,6 +100,7 @@ def test_padding_never_read(pooling):
             assert torch.equal(a, b)
 
 
+@needs_kernels
 def test_max_backward_in_winner_chunks(monkeypatch):
     """A winner budget of a few key items forces the chunked backward path."""
     import hatkernels.triton.max_align as max_align
@@ -105,6 +112,7 @@ def test_max_backward_in_winner_chunks(monkeypatch):
                                 direction=direction, reduce="sum")
 
 
+@needs_kernels
 def test_scan_backward_in_chunks_and_groups(monkeypatch):
     """A dS budget of two images and groups of two images force the chunked i2t backward."""
     import hatkernels.triton.scan_backward as scan_backward
@@ -116,6 +124,7 @@ def test_scan_backward_in_chunks_and_groups(monkeypatch):
                             reduce="mean")
 
 
+@needs_kernels
 def test_scan_t2i_backward_of_large_images_takes_the_exact_path(monkeypatch):
     import hatkernels.triton.scan_backward as scan_backward
 
@@ -125,6 +134,7 @@ def test_scan_t2i_backward_of_large_images_takes_the_exact_path(monkeypatch):
                             reduce="sum")
 
 
+@needs_kernels
 def test_long_captions_take_the_exact_path():
     """Captions over MAX_WORDS tokens: scan goes to the torch backend's exact blocked path."""
     from hatkernels.triton import scan_align
@@ -168,11 +178,28 @@ def test_tf32_only_when_opted_in(monkeypatch):
         matmul.fp32_precision = before
 
 
+@needs_kernels
 def test_listed_for_its_devices():
     if ON_GPU:
         assert hatkernels.available_backends("cuda")[0] == "triton"
     else:
         assert "triton" in hatkernels.available_backends("cpu")
+
+
+def test_kernels_compile_for_sm90():
+    """The real compiler (not the interpreter) builds every kernel for an H100, no GPU needed:
+    the interpreter accepts code that compiled Triton rejects."""
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("Triton's bundled ptxas is missing")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "-m", "hatkernels.triton.compile_check", "--arch", "90",
+         "--dtypes", "bf16,fp32", "--first-config-only"],
+        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_gpu_report_runs_its_help_without_a_gpu():
