@@ -161,6 +161,26 @@ def test_items_per_tile_bounds_every_layout():
                 assert touched <= bound
 
 
+def test_autotuning_sees_a_slice_of_large_calls_once(monkeypatch):
+    from hatkernels.triton import utils
+
+    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    monkeypatch.setattr(utils, "_TUNED", set())
+    monkeypatch.setattr(utils, "TUNE_IMAGES", 2)
+    calls = []
+
+    def op(images, texts, image_lengths, text_lengths, direction):
+        calls.append((images.shape[0], texts.shape[0], len(image_lengths), direction))
+
+    images, texts = torch.zeros(5, 3, 4), torch.zeros(6, 2, 4)
+    lengths = (torch.ones(5, dtype=torch.int64), torch.ones(6, dtype=torch.int64))
+    for _ in range(2):
+        utils.tune_on_slice(op, images, texts, *lengths, "i2t")
+    utils.tune_on_slice(op, images, texts, *lengths, "t2i")
+    utils.tune_on_slice(op, images[:2], texts, lengths[0][:2], lengths[1], "both")
+    assert calls == [(2, 6, 2, "i2t"), (2, 6, 2, "t2i")]
+
+
 def test_tf32_only_when_opted_in(monkeypatch):
     from hatkernels.triton import utils
 

@@ -26,7 +26,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import Packed, dot_precision, items_per_tile, mma, pack, pick_configs
+from .utils import (
+    Packed,
+    dot_precision,
+    items_per_tile,
+    mma,
+    pack,
+    pick_configs,
+    tune_on_slice,
+)
 
 _WINNER_BYTES = 256 << 20
 
@@ -291,6 +299,8 @@ def _launch_max(query: Packed, key: Packed, out: Tensor, stride_ok: int, stride_
 def max_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
                       text_lengths: Tensor, direction: str, reduce: str) -> Tensor:
     """``[Bi, Bt]`` float32 max-pooled scores (the backend contract of ``backends/base.py``)."""
+    tune_on_slice(max_align_forward, images, texts, image_lengths, text_lengths, direction,
+                  reduce)
     v, t = pack(images, image_lengths), pack(texts, text_lengths)
     total = torch.zeros(images.shape[0], texts.shape[0], dtype=torch.float32,
                         device=images.device)

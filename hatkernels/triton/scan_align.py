@@ -37,7 +37,7 @@ from torch import Tensor
 from hatkernels.backends.torch import TorchBackend
 
 from .max_align import _similarities, _tile_of
-from .utils import dot_precision, next_pow2, pick_configs, zero_padded_float
+from .utils import dot_precision, next_pow2, pick_configs, tune_on_slice, zero_padded_float
 
 # SPEC 1.2's constants (kernels read globals only as constexpr).
 EPS = tl.constexpr(1e-8)
@@ -312,6 +312,8 @@ def scan_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
     if not supports(texts):
         return TorchBackend().scan_align(images, texts, image_lengths, text_lengths, direction,
                                          reduce, lambda_softmax, 1 << 30)
+    tune_on_slice(scan_align_forward, images, texts, image_lengths, text_lengths, direction,
+                  reduce, lambda_softmax)
     (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
     v_len, t_len = image_lengths.to(torch.int32), text_lengths.to(torch.int32)
     total = torch.empty(n_images, n_texts, dtype=torch.float32, device=images.device)

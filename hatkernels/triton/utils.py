@@ -9,6 +9,7 @@ id and each item's start offset. Kernels gather rows through it, so padding is n
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -117,3 +118,27 @@ def zero_padded_float(x: Tensor, lengths: Tensor) -> Tensor:
     """A float32 copy of ``x`` with padding zeroed (``where``: NaN there never leaks)."""
     valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]
     return torch.where(valid[..., None], x.float(), torch.zeros((), device=x.device))
+
+
+_TUNED: set[tuple] = set()
+TUNE_IMAGES, TUNE_TEXTS = 64, 2048
+
+
+def tune_on_slice(op: Callable[..., object], images: Tensor, texts: Tensor,
+                  image_lengths: Tensor, text_lengths: Tensor, *rest: object) -> None:
+    """Let autotuning see a slice of a large call first.
+
+    The autotuner times every config several times on the first call with a new key (M, N, D,
+    dtype: not the batch sizes); on a COCO-5K-sized call that takes minutes and clones the
+    output. So the first large call of each shape runs ``op`` once on at most ``TUNE_IMAGES``
+    images x ``TUNE_TEXTS`` captions, which picks and caches the configs.
+    """
+    if interpreting():
+        return
+    key = (op.__name__, images.device, images.dtype, *images.shape[1:], texts.shape[1], *rest)
+    if key in _TUNED:
+        return
+    _TUNED.add(key)
+    if images.shape[0] > TUNE_IMAGES or texts.shape[0] > TUNE_TEXTS:
+        op(images[:TUNE_IMAGES], texts[:TUNE_TEXTS], image_lengths[:TUNE_IMAGES],
+           text_lengths[:TUNE_TEXTS], *rest)
