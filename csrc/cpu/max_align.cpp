@@ -40,10 +40,11 @@ namespace {
 
 using max_tiles::Packed;
 
-// Tile targets (tokens): forward tiles hold C and both operand panels in L2; backward tiles
-// are smaller since the scatter also touches the gradient rows of both sides.
+// Tile targets (tokens): tiles hold C and both operand panels in L2.
 constexpr int64_t kTileRows = 400, kTileCols = 384;
-constexpr int64_t kBackwardRows = 200, kBackwardCols = 192;
+constexpr int64_t kBackwardRows = 400, kBackwardCols = 384;
+// Bytes of per-thread gradient partials (all threads together) per backward step.
+constexpr int64_t kPartialBudget = int64_t{128} << 20;
 
 struct Plan {
   Packed v, t;
@@ -313,8 +314,25 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
   const std::vector<int64_t>& outer_groups = images_parallel ? plan.cg : plan.ig;
   float* outer_grad = images_parallel ? grad_texts : grad_images;
   const int64_t outer_len = images_parallel ? p.n_max : p.m_max;
-  const int64_t partial_rows = images_parallel ? plan.max_cols : plan.max_rows;
-  std::vector<float*> partials(omp_get_max_threads(), nullptr);
+  // Steps: runs of outer groups whose per-thread partials fit kPartialBudget together
+  // (usually one step: no barrier until the end, robust when threads get preempted).
+  const int n_threads_max = omp_get_max_threads();
+  const int64_t span_rows = std::max<int64_t>(
+      1, kPartialBudget / (static_cast<int64_t>(sizeof(float)) * d * n_threads_max));
+  std::vector<int64_t> steps{0};
+  for (int64_t o = 0; o < n_outer;) {
+    int64_t e = o + 1;
+    while (e < n_outer &&
+           outer_packed.off[outer_groups[e + 1]] - outer_packed.off[outer_groups[o]] <= span_rows)
+      ++e;
+    steps.push_back(e);
+    o = e;
+  }
+  int64_t partial_rows = 0;
+  for (size_t s = 0; s + 1 < steps.size(); ++s)
+    partial_rows = std::max(partial_rows, outer_packed.off[outer_groups[steps[s + 1]]] -
+                                              outer_packed.off[outer_groups[steps[s]]]);
+  std::vector<float*> partials(n_threads_max, nullptr);
 #pragma omp parallel
   {
     const max_tiles::SingleThreadedBlas one_blas_thread;
@@ -327,30 +345,33 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
     auto partial = max_tiles::scratch(partial_rows * d);
     partials[omp_get_thread_num()] = partial.get();
     const int n_threads = omp_get_num_threads();
-    for (int64_t o = 0; o < n_outer; ++o) {
-      const int64_t first = outer_packed.off[outer_groups[o]];
-      const int64_t count = outer_packed.off[outer_groups[o + 1]] - first;
+    const RowDest dv_direct{grad_images, &plan.v, p.m_max, d, 0, true};
+    const RowDest dt_direct{grad_texts, &plan.t, p.n_max, d, 0, true};
+    for (size_t s = 0; s + 1 < steps.size(); ++s) {
+      const int64_t first = outer_packed.off[outer_groups[steps[s]]];
+      const int64_t count = outer_packed.off[outer_groups[steps[s + 1]]] - first;
       std::fill(partial.get(), partial.get() + count * d, 0.f);
       const RowDest to_partial{partial.get(), &outer_packed, outer_len, d, first, false};
-      const RowDest dv_direct{grad_images, &plan.v, p.m_max, d, 0, true};
-      const RowDest dt_direct{grad_texts, &plan.t, p.n_max, d, 0, true};
+      // A task owns one group of the parallel side across the step's outer groups.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t k = 0; k < n_inner; ++k) {
-        const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
-        if (block_is_zero(p, t, grad_out)) continue;
-        similarities(plan, t, d, c.get());
-        backward_tile(p, plan, t, c.get(), grad_out, win,
-                      images_parallel ? dv_direct : to_partial,
-                      images_parallel ? to_partial : dt_direct);
+        for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
+          const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
+          if (block_is_zero(p, t, grad_out)) continue;
+          similarities(plan, t, d, c.get());
+          backward_tile(p, plan, t, c.get(), grad_out, win,
+                        images_parallel ? dv_direct : to_partial,
+                        images_parallel ? to_partial : dt_direct);
+        }
       }
-      // Implicit barrier above: every partial of group o is complete.
+      // Implicit barrier above: every partial of this step is complete.
 #pragma omp for schedule(static)
       for (int64_t r = first; r < first + count; ++r) {
         float* dst = RowDest{outer_grad, &outer_packed, outer_len, d, 0, true}.row(r);
         for (int th = 0; th < n_threads; ++th)
           max_pool::axpy(dst, 1.f, partials[th] + (r - first) * d, d);
       }
-      // Implicit barrier: partials may be cleared for the next group.
+      // Implicit barrier: partials may be cleared for the next step.
     }
   }
 }
