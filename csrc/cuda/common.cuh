@@ -25,7 +25,8 @@ constexpr int kThreads = 128;  // 4 warps per CTA
 constexpr int kWarps = kThreads / 32;
 constexpr int kTM = 64;        // tile rows (image tokens)
 constexpr int kTN = 64;        // tile columns (words)
-constexpr int kBK = 32;        // feature slice per step
+constexpr int kBK = 32;        // feature slice per step (float32 FMA path)
+constexpr int kBKMma = 64;     // feature slice per step (tensor-core path)
 constexpr int kLdS = kTN + 4;  // row stride of the float tile (WMMA stores need a multiple of 4)
 constexpr int kMaxBlockItems = 256;  // images (or captions) per CTA block, at most
 constexpr float kEps = 1e-8f;
@@ -104,13 +105,22 @@ struct BlockSide {
   }
 };
 
+// Tensor-core path: two stages of 16-bit A and B slices (cp.async double buffering), sharing
+// their bytes with the float tile st, which is only written after the last slice is used.
 template <typename T>
 struct MmaSmem {
-  float st[kTM][kLdS];
-  T a[kTM][kBK + 8];
-  T b[kTN][kBK + 8];
+  union {
+    float st[kTM][kLdS];
+    uint16_t ab[2][2][kTM][kBKMma + 8];  // [stage][A, B][row][feature], raw T bits
+  };
   bool va[kTM];
   bool vb[kTN];
+  __device__ __forceinline__ T* a(int stage, int row, int k) {
+    return reinterpret_cast<T*>(&ab[stage][0][row][k]);
+  }
+  __device__ __forceinline__ T* b(int stage, int row, int k) {
+    return reinterpret_cast<T*>(&ab[stage][1][row][k]);
+  }
 };
 
 struct FmaSmem {
@@ -124,54 +134,88 @@ struct FmaSmem {
 template <typename T>
 using TileSmem = std::conditional_t<std::is_same_v<T, float>, FmaSmem, MmaSmem<T>>;
 
-// Eight consecutive features of one row into shared memory, zeros past d or for invalid rows.
+// Eight consecutive features of one row into shared memory, zeros past d or for invalid rows
+// (row == nullptr); the path for feature sizes that are not a multiple of 8.
 template <typename T>
-__device__ __forceinline__ void load8(T* dst, const T* row, int64_t k, int64_t d, bool vec) {
-  if (row != nullptr && vec && k + 8 <= d) {
-    *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(row + k);
-    return;
-  }
+__device__ __forceinline__ void load8(T* dst, const T* row, int64_t k, int64_t d) {
 #pragma unroll
   for (int e = 0; e < 8; ++e) dst[e] = (row != nullptr && k + e < d) ? row[k + e] : Cvt<T>::zero();
+}
+
+// Asynchronous 16-byte global-to-shared copy; zero-fills (reading nothing) when !valid.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(addr), "l"(src), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+constexpr int kChunksPerRow = kBKMma / 8;
+
+// Features [k0, k0 + 64) of the tile's A and B rows into `stage`: cp.async when 16-byte
+// vectors are allowed (d % 8 == 0, so a chunk is all in or all out of range), else plain
+// loads. Invalid rows and features past d are zeros.
+template <typename T>
+__device__ __forceinline__ void mma_load_stage(const BlockSide<T>& A, const BlockSide<T>& B,
+                                               int row0, int col0, int64_t d, int64_t k0,
+                                               bool vec, MmaSmem<T>& sm, int stage) {
+  for (int c = threadIdx.x; c < kTM * kChunksPerRow; c += kThreads) {
+    const int row = c / kChunksPerRow;
+    const int kc = (c % kChunksPerRow) * 8;
+    const int64_t k = k0 + kc;
+    if (vec) {
+      const bool in_a = sm.va[row] && k < d, in_b = sm.vb[row] && k < d;
+      cp_async16(sm.a(stage, row, kc), in_a ? A.base + (row0 + row) * d + k : A.base, in_a);
+      cp_async16(sm.b(stage, row, kc), in_b ? B.base + (col0 + row) * d + k : B.base, in_b);
+    } else {
+      load8(sm.a(stage, row, kc), sm.va[row] ? A.base + (row0 + row) * d : nullptr, k, d);
+      load8(sm.b(stage, row, kc), sm.vb[row] ? B.base + (col0 + row) * d : nullptr, k, d);
+    }
+  }
+  cp_async_commit();
 }
 
 template <typename T>
 __device__ void tile_mma(const BlockSide<T>& A, const BlockSide<T>& B, int row0, int col0,
                          int64_t d, bool vec, MmaSmem<T>& sm) {
   using namespace nvcuda;
-  const int tid = threadIdx.x;
-  const int warp = tid / 32;
-  const int wy = warp / 2, wx = warp % 2;
+  const int warp = threadIdx.x / 32;
+  const int wy = warp / 2, wx = warp % 2;  // this warp's 32 x 32 quarter of the tile
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
   for (int i = 0; i < 2; ++i)
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  constexpr int kChunksPerRow = kBK / 8;
-  for (int64_t k0 = 0; k0 < d; k0 += kBK) {
-    for (int c = tid; c < kTM * kChunksPerRow; c += kThreads) {
-      const int row = c / kChunksPerRow;
-      const int kc = (c % kChunksPerRow) * 8;
-      const T* arow = sm.va[row] ? A.base + static_cast<int64_t>(row0 + row) * d : nullptr;
-      const T* brow = sm.vb[row] ? B.base + static_cast<int64_t>(col0 + row) * d : nullptr;
-      load8(&sm.a[row][kc], arow, k0 + kc, d, vec);
-      load8(&sm.b[row][kc], brow, k0 + kc, d, vec);
+  mma_load_stage(A, B, row0, col0, d, 0, vec, sm, 0);
+  int stage = 0;
+  for (int64_t k0 = 0; k0 < d; k0 += kBKMma, stage ^= 1) {
+    if (k0 + kBKMma < d) {  // prefetch the next slice into the other stage
+      mma_load_stage(A, B, row0, col0, d, k0 + kBKMma, vec, sm, stage ^ 1);
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
     }
     __syncthreads();
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < kBKMma; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> fb[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(fa[i], &sm.a[wy * 32 + i * 16][kk], kBK + 8);
+      for (int i = 0; i < 2; ++i)
+        wmma::load_matrix_sync(fa[i], sm.a(stage, wy * 32 + i * 16, kk), kBKMma + 8);
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(fb[j], &sm.b[wx * 32 + j * 16][kk], kBK + 8);
+      for (int j = 0; j < 2; ++j)
+        wmma::load_matrix_sync(fb[j], sm.b(stage, wx * 32 + j * 16, kk), kBKMma + 8);
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
         for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
     }
-    __syncthreads();
+    __syncthreads();  // the stage may be refilled (or st written) only after every warp used it
   }
 #pragma unroll
   for (int i = 0; i < 2; ++i)
@@ -198,6 +242,13 @@ __device__ inline void tile_fma(const BlockSide<float>& A, const BlockSide<float
       sm.b[k][row] = (sm.vb[row] && in_d) ? B.base[static_cast<int64_t>(col0 + row) * d + k0 + k] : 0.0f;
     }
     __syncthreads();
+    // Two-level sum (each slice from zero, then added): the rounding error grows with
+    // sqrt(32) + sqrt(d / 32) instead of sqrt(d), closer to what a blocked GEMM gives.
+    float part[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) part[i][j] = 0.0f;
 #pragma unroll 8
     for (int k = 0; k < kBK; ++k) {
       float av[8], bv[4];
@@ -208,8 +259,12 @@ __device__ inline void tile_fma(const BlockSide<float>& A, const BlockSide<float
 #pragma unroll
       for (int i = 0; i < 8; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
+        for (int j = 0; j < 4; ++j) part[i][j] = fmaf(av[i], bv[j], part[i][j]);
     }
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[i][j] += part[i][j];
     __syncthreads();
   }
 #pragma unroll

@@ -54,30 +54,56 @@ __global__ void __launch_bounds__(kThreads)
   for (int row0 = 0; row0 < R; row0 += kTM) {
     for (int col0 = 0; col0 < C; col0 += kTN) {
       if (!compute_tile<T>(A, B, row0, col0, D, p.vec, sm)) continue;
+      // Running maxima in registers, flushed to the pooling state where an image (t2i) or a
+      // caption (i2t) ends inside the tile, or at the tile's end. `arg >= 0` marks a flush
+      // that saw a valid token (only those index the state).
       if (t2i && tid < kTN && sm.vb[tid]) {  // one thread per column: max over image tokens
-        const int c = col0 + tid;
+        int il = row0 / M, tok = row0 % M, arg = -1;
+        float best = -INFINITY;
         for (int r = 0; r < kTM; ++r) {
-          if (!sm.va[r]) continue;
-          const int lr = row0 + r;
-          const int e = (lr / M) * C + c;
-          const float s = sm.st[r][tid];
-          if (s > tmax[e]) {
-            tmax[e] = s;
-            if (kBackward) targ[e] = lr % M;
+          if (sm.va[r] && sm.st[r][tid] > best) {
+            best = sm.st[r][tid];
+            arg = tok;
+          }
+          const bool wraps = ++tok == M;
+          if (wraps || r == kTM - 1) {
+            const int e = il * C + col0 + tid;
+            if (arg >= 0 && best > tmax[e]) {
+              tmax[e] = best;
+              if (kBackward) targ[e] = arg;
+            }
+            best = -INFINITY;
+            arg = -1;
+          }
+          if (wraps) {
+            tok = 0;
+            ++il;
           }
         }
       }
       const int r = tid - (kThreads - kTM);
       if (i2t && r >= 0 && sm.va[r]) {  // one thread per row: max over each caption's words
         const int lr = row0 + r;
+        int jl = col0 / N, w = col0 % N, arg = -1;
+        float best = -INFINITY;
         for (int c = 0; c < kTN; ++c) {
-          if (!sm.vb[c]) continue;
-          const int cc = col0 + c;
-          const int e = lr * JB + cc / N;
-          const float s = sm.st[r][c];
-          if (s > imax[e]) {
-            imax[e] = s;
-            if (kBackward) iarg[e] = cc % N;
+          if (sm.vb[c] && sm.st[r][c] > best) {
+            best = sm.st[r][c];
+            arg = w;
+          }
+          const bool wraps = ++w == N;
+          if (wraps || c == kTN - 1) {
+            const int e = lr * JB + jl;
+            if (arg >= 0 && best > imax[e]) {
+              imax[e] = best;
+              if (kBackward) iarg[e] = arg;
+            }
+            best = -INFINITY;
+            arg = -1;
+          }
+          if (wraps) {
+            w = 0;
+            ++jl;
           }
         }
       }
