@@ -14,6 +14,7 @@ transformer, 6 BERT-base layers, 1024-d joint space) and a tiny one share this c
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from hatkernels import hier_align
 
 from ..data.regions import unpack_regions
 from .base import RetrievalModel, Tokens
-from .towers import BertTower, no_grad_if
+from .towers import BertTower
 
 
 def _encoder(width: int, layers: int, heads: int, ff: int, dropout: float) -> nn.Module:
@@ -90,7 +91,9 @@ class TERAN(RetrievalModel):
 
     def text_tokens(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """``[B, N, D]`` L2-normalised tokens of every word piece, [CLS] and [SEP] included."""
-        with no_grad_if(self.encoders_frozen):
+        # Frozen: no graph through BERT (a no-op context otherwise, so that an outer no_grad,
+        # as in the evaluation, still holds).
+        with torch.no_grad() if self.encoders_frozen else contextlib.nullcontext():
             (hidden,) = self.text_encoder(input_ids, attention_mask)
         lengths = attention_mask.sum(1).to(torch.int64)
         encoder = self.shared_encoder if self.text_own_encoder is None else self.text_own_encoder
