@@ -169,7 +169,6 @@ def visualize(checkpoint: str | Path, image: str | int = 0, caption: str | None 
     """Load ``checkpoint`` and write the alignment picture of (``image``, ``caption``)."""
     from .checkpoint import load_for_eval
     from .data import build_dataset, build_tokenizer
-    from .data.scenes import render
     from .models.teran import TERAN
 
     model, cfg, _ = load_for_eval(checkpoint, overrides)
@@ -191,8 +190,7 @@ def visualize(checkpoint: str | Path, image: str | int = 0, caption: str | None 
         tensor = dataset.image(image)
         _, norm_boxes = dataset.regions(image)
         boxes = norm_boxes[: tensor[:, -1].sum().long()].numpy()
-        picture = (render(dataset.scenes[image], DISPLAY_SIZE) if hasattr(dataset, "scenes")
-                   else dataset.picture(image))
+        picture = dataset.picture(image)
     else:
         tensor, picture = _hat_input(cfg, dataset, image)
         picture = picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.NEAREST) \
