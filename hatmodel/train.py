@@ -1,0 +1,292 @@
+"""Training: ``python -m hatmodel.train [--config NAME_OR_PATH] [--output-dir DIR]
+[--resume] [key.sub=value ...]``.
+
+With no arguments it trains the default (``configs/hat_scenes.yaml``: a small HAT on the
+embedded generated scenes) and evaluates it on the test split. The loop is model-agnostic:
+any :class:`~hatmodel.models.RetrievalModel` from the factory trains with any loss of
+:mod:`hatmodel.losses`.
+
+The output folder gets ``out.log``, ``config.yaml``, ``history.json``, ``curves.png``,
+``best.safetensors`` / ``last.safetensors`` / ``last_state.pt`` (see
+:mod:`hatmodel.checkpoint`) and ``metrics.json`` (test metrics of the best checkpoint).
+``--resume`` continues from ``last_state.pt`` at the epoch boundary where it was written, with
+the same optimizer, scheduler and RNG states, so an interrupted run ends exactly where an
+uninterrupted one does (CPU, fixed seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import checkpoint as ckpt
+from .config import DEFAULT_CONFIG, config_path, load_config
+from .data import Batch, build_dataset, build_tokenizer, epoch_pairs, train_loader
+from .evaluate import evaluate_model, format_metrics, protocol_folds
+from .losses import build_loss, score_spread
+from .models import RetrievalModel, build_model
+
+log = logging.getLogger("hatmodel")
+COLLAPSE_SPREAD = 1e-3
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def lr_factor(cfg: dict[str, Any], step: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at global ``step``: linear warmup, then HAT's
+    step decay (x ``lr_gamma`` every ``lr_step_epochs``) or a cosine to 0 over the run."""
+    t = cfg["train"]
+    warm = int(t["warmup_steps"])
+    factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
+    if t["schedule"] == "step":
+        decays = (step // steps_per_epoch) // int(t["lr_step_epochs"])
+        return factor * float(t["lr_gamma"]) ** decays
+    if t["schedule"] == "cosine":
+        total = max(1, int(t["epochs"]) * steps_per_epoch - warm)
+        progress = min(1.0, max(0, step - warm) / total)
+        return factor * 0.5 * (1 + math.cos(math.pi * progress))
+    raise ValueError(f"train.schedule: expected 'step' or 'cosine', got {t['schedule']!r}")
+
+
+def make_optimizer(model: RetrievalModel, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    t = cfg["train"]
+    lr = float(t["lr"])
+    groups = [{"params": list(model.head_parameters()), "lr": lr},
+              {"params": list(model.encoder_parameters()), "lr": lr * float(t["encoder_lr_scale"])}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr,
+                            weight_decay=float(t["weight_decay"]))
+
+
+def _setup_logging(out_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(out_dir / "out.log"), logging.StreamHandler(sys.stdout)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def _steps_per_epoch(n_pairs: int, cfg: dict[str, Any]) -> int:
+    t = cfg["train"]
+    steps = max(1, n_pairs // int(t["batch_size"]))
+    return min(steps, int(t["max_steps_per_epoch"])) if t["max_steps_per_epoch"] else steps
+
+
+def _same_image(batch: Batch) -> torch.Tensor:
+    return batch.image_index[:, None] == batch.image_index[None, :]
+
+
+def train_step(model: RetrievalModel, batch: Batch, loss_fn, optimizer, scaler, cfg,
+               device: torch.device) -> tuple[float, dict[str, float]]:
+    """One optimisation step on a batch; returns the loss and the score-matrix health."""
+    from .evaluate import _autocast
+
+    batch = batch.to(device)
+    with _autocast(device, bool(cfg["train"]["amp"])):
+        scores = model(batch.images, batch.input_ids, batch.attention_mask)
+    loss = loss_fn(scores.float(), _same_image(batch))
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if cfg["train"]["grad_clip"]:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["train"]["grad_clip"]))
+    scaler.step(optimizer)
+    scaler.update()
+    return float(loss.detach()), score_spread(scores)
+
+
+def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
+          progress: bool = True,
+          on_epoch_end: Callable[[int, dict[str, Any]], None] | None = None) -> dict[str, float]:
+    """Train per ``cfg`` into ``out_dir``, then evaluate the best checkpoint on the test split.
+
+    ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoints are written (tests
+    raise from it to simulate a killed run). Returns the test metrics.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _setup_logging(out_dir)
+    t = cfg["train"]
+    if int(t["threads"]) > 0:
+        torch.set_num_threads(int(t["threads"]))
+    device = pick_device(t["device"])
+    seed_everything(int(cfg["seed"]))
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    start = time.time()
+    tokenizer = build_tokenizer(cfg)
+    train_set, val_set = build_dataset(cfg, "train"), build_dataset(cfg, "val")
+    model = build_model(cfg, tokenizer.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg)
+    per_image = train_set.captions_per_image if t["sample"] == "captions" else 1
+    n_pairs = train_set.n_images * per_image
+    steps_per_epoch = _steps_per_epoch(n_pairs, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=_needs_scaler(device, cfg))
+    loss_fn = build_loss(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters; %d train / %d val images; %d steps/epoch on %s",
+             cfg["model"]["name"], n_params / 1e6, train_set.n_images, val_set.n_images,
+             steps_per_epoch, device)
+
+    first_epoch, history, best_rsum = 0, [], -1.0
+    if resume:
+        state = ckpt.load_state(out_dir / "last_state.pt")
+        _, weights_epoch = ckpt.read_metadata(out_dir / "last.safetensors")
+        if weights_epoch != state["epoch"]:
+            raise ValueError(f"resume: last.safetensors (epoch {weights_epoch}) and "
+                             f"last_state.pt (epoch {state['epoch']}) disagree")
+        ckpt.load_weights(out_dir / "last.safetensors", model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_states(state["rng"])
+        first_epoch, history, best_rsum = state["epoch"] + 1, state["history"], state["best_rsum"]
+        log.info("resumed after epoch %d (step %d)", state["epoch"], scheduler.last_epoch)
+
+    val_count = int(cfg["eval"]["val_images"]) or val_set.n_images
+    for epoch in range(first_epoch, int(t["epochs"])):
+        record = _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn,
+                              cfg, device, epoch, steps_per_epoch, progress)
+        val, _ = evaluate_model(model, val_set, tokenizer, device,
+                                batch_size=int(cfg["eval"]["batch_size"]), count=val_count,
+                                memory_budget=int(cfg["eval"]["memory_budget"]),
+                                amp=bool(t["amp"]), progress=progress)
+        record.update(val_rsum=val["rsum"], val_i2t_r1=val["i2t_r1"], val_t2i_r1=val["t2i_r1"],
+                      elapsed_s=time.time() - start)
+        history.append(record)
+        log.info("epoch %d: loss %.4f  spread %.4f  lr %.2e  val %s  (%.0f s)", epoch,
+                 record["loss"], record["spread"], record["lr"], format_metrics(val),
+                 record["elapsed_s"])
+        if val["rsum"] > best_rsum:
+            best_rsum = val["rsum"]
+            ckpt.save_weights(out_dir / "best.safetensors", model, cfg, epoch)
+        ckpt.save_weights(out_dir / "last.safetensors", model, cfg, epoch)
+        ckpt.save_state(out_dir / "last_state.pt", {
+            "epoch": epoch, "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": ckpt.rng_states(), "history": history, "best_rsum": best_rsum,
+        })
+        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, record)
+
+    from .plot import plot_history
+
+    plot_history(history, out_dir / "curves.png")
+    return _final_test(cfg, out_dir, model, tokenizer, device, progress, start)
+
+
+def _needs_scaler(device: torch.device, cfg: dict[str, Any]) -> bool:
+    return (bool(cfg["train"]["amp"]) and device.type == "cuda"
+            and not torch.cuda.is_bf16_supported())
+
+
+def _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn, cfg,
+                 device, epoch: int, steps: int, progress: bool) -> dict[str, Any]:
+    t = cfg["train"]
+    frozen = epoch < int(t["freeze_encoders_epochs"])
+    model.freeze_encoders(frozen)
+    model.train()
+    pairs = epoch_pairs(train_set.n_images, train_set.captions_per_image, t["sample"],
+                        int(cfg["seed"]), epoch)[: steps * int(t["batch_size"])]
+    loader = train_loader(train_set, tokenizer, pairs, int(t["batch_size"]),
+                          int(cfg["data"]["num_workers"]))
+    losses, spreads, gaps = [], [], []
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch}" + (" (frozen)" if frozen else ""),
+               disable=not progress, leave=False)
+    for i, batch in enumerate(bar):
+        loss, health = train_step(model, batch, loss_fn, optimizer, scaler, cfg, device)
+        scheduler.step()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"epoch {epoch} step {i}: loss is {loss}")
+        losses.append(loss)
+        spreads.append(health["spread"])
+        gaps.append(health["pos_mean"] - health["neg_mean"])
+        bar.set_postfix(loss=f"{loss:.3f}", spread=f"{health['spread']:.3f}")
+        if (i + 1) % int(t["log_every"]) == 0:
+            log.info("epoch %d step %d/%d: loss %.4f  score spread %.4f  pos-neg gap %.4f",
+                     epoch, i + 1, steps, np.mean(losses[-int(t['log_every']):]),
+                     health["spread"], gaps[-1])
+    spread = float(np.mean(spreads[-10:]))
+    if spread < COLLAPSE_SPREAD:
+        log.warning("epoch %d: the score matrix has collapsed (spread %.2e): every pair scores "
+                    "alike; lower the lr, or train with loss.name=infonce or "
+                    "loss.hardest_negative=false first", epoch, spread)
+    return {"epoch": epoch, "loss": float(np.mean(losses)), "spread": spread,
+            "gap": float(np.mean(gaps[-10:])), "lr": optimizer.param_groups[0]["lr"],
+            "frozen": frozen, "steps": len(losses)}
+
+
+def _final_test(cfg, out_dir: Path, model, tokenizer, device, progress: bool,
+                start: float) -> dict[str, float]:
+    ckpt.load_weights(out_dir / "best.safetensors", model)
+    test_set = build_dataset(cfg, "test")
+    protocol = cfg["eval"]["protocol"]
+    metrics, _ = evaluate_model(
+        model, test_set, tokenizer, device, batch_size=int(cfg["eval"]["batch_size"]),
+        folds=protocol_folds(protocol, test_set.n_images),
+        memory_budget=int(cfg["eval"]["memory_budget"]), amp=bool(cfg["train"]["amp"]),
+        progress=progress,
+    )
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("test (%s, %d images, best checkpoint): %s", protocol, test_set.n_images,
+             format_metrics(metrics))
+    log.info("total time %.0f s; wrote %s", time.time() - start, out_dir / "metrics.json")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(prog="python -m hatmodel.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=DEFAULT_CONFIG,
+                   help="a YAML file or the name of a packaged config (hat_scenes, hat_coco, "
+                        "hat_f30k); default %(default)s")
+    p.add_argument("--output-dir", default=None, help="run folder (default runs/<config>)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("overrides", nargs="*", help="config overrides, key.sub=value")
+    args = p.parse_intermixed_args(argv)
+
+    overrides = list(args.overrides)
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    if args.device is not None:
+        overrides.append(f"train.device={args.device}")
+    cfg = load_config(args.config, overrides)
+    out_dir = Path(args.output_dir or Path("runs") / config_path(args.config).stem)
+    return train(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
+
+
+if __name__ == "__main__":
+    main()
