@@ -315,7 +315,8 @@ def markdown(machine: dict, command: str) -> str:
         "workload. `of GEMM`: rate over torch.mm of the packed valid tokens of the whole "
         "workload, same round. `x naive`: over `hatkernels.reference.naive_align` in float32 "
         "(same mode). `x torch`: over the torch backend (same mode). `fwd+bwd / fwd`: time "
-        "of forward+backward over forward, same backend, slice and round. Every backend's "
+        "of forward+backward over forward, same backend, slice and round. `load`: the 1-minute "
+        "load average when the row was measured (the machine is shared). Every backend's "
         "first result is checked against the torch backend's.", "",
         "| " + " | ".join(c for c, _ in TIMING_COLUMNS) + " |",
         "|" + "---|" * len(TIMING_COLUMNS),
