@@ -71,16 +71,29 @@ class Buffer {
   std::unique_ptr<float, FreeDeleter> data_;
 };
 
+// MKL on one thread in this OpenMP thread (for its lifetime): the tiles are the parallelism.
+class MklSingleThread {
+ public:
+  MklSingleThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~MklSingleThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+
+ private:
+  int prev_;
+};
+
 // One side's valid tokens, packed, with norms and (optionally) per-item Gram matrices.
 struct Side {
-  int64_t count = 0, total = 0, max_len = 0;
-  std::vector<int64_t> off, len, gram_off;  // gram_off[k] < 0: context mode for item k
-  Buffer tokens, norms, grams;
+  int64_t count = 0, total = 0, max_len = 0, d = 0, dp = 0;
+  std::vector<int64_t> off, len;  // item k's tokens are rows [off[k], off[k] + len[k])
+  std::vector<int64_t> gram_off;  // item k's Gram [len, pad(len)] at grams + gram_off[k], or -1
+  Buffer tokens, norms, grams;    // [total, dp], [total], the Gram matrices
 
-  int64_t d = 0, dp = 0;
-
+  // What item k's attention needs for |c|^2: its Gram matrix, else its tokens.
   Attended attended(int64_t k) const {
-    if (gram_off[k] >= 0) return {grams.get() + gram_off[k], pad_lanes(len[k]), pad_lanes(len[k]), true};
+    const int64_t qp = pad_lanes(len[k]);
+    if (gram_off[k] >= 0) return {grams.get() + gram_off[k], qp, qp, true};
     return {tokens.get() + off[k] * dp, dp, dp, false};
   }
 };
@@ -125,7 +138,7 @@ Side pack_side(const float* x, const int64_t* lengths, int64_t count, int64_t ma
 }
 
 // Gram matrices of the items for which they are cheaper than contexts (padded length <= Dp).
-void add_grams(Side& s, int64_t d) {
+void add_grams(Side& s) {
   s.gram_off.assign(s.count, -1);
   int64_t size = 0;
   for (int64_t k = 0; k < s.count; ++k) {
@@ -141,14 +154,14 @@ void add_grams(Side& s, int64_t d) {
   const float* tok = s.tokens.get();
 #pragma omp parallel
   {
-    const int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    const MklSingleThread single;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t k = 0; k < s.count; ++k) {
       if (s.gram_off[k] < 0) continue;
       const float* xk = tok + s.off[k] * s.dp;
-      gemm_nt(s.len[k], s.len[k], d, xk, s.dp, xk, s.dp, g + s.gram_off[k], pad_lanes(s.len[k]));
+      const int64_t n = s.len[k];
+      gemm_nt(n, n, s.d, xk, s.dp, xk, s.dp, g + s.gram_off[k], pad_lanes(n));
     }
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
   }
 }
 
@@ -194,8 +207,8 @@ struct Plan {
     }
     img.gram_off.assign(img.count, -1);
     txt.gram_off.assign(txt.count, -1);
-    if (t2i) add_grams(img, p.d);
-    if (i2t) add_grams(txt, p.d);
+    if (t2i) add_grams(img);
+    if (i2t) add_grams(txt);
     img_blocks = make_blocks(img, kTileRows);
     txt_blocks = make_blocks(txt, kTileWords);
     rows_max = max_block_tokens(img, img_blocks);
@@ -295,17 +308,6 @@ void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* 
     }
   }
 }
-
-class MklSingleThread {
- public:
-  MklSingleThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~MklSingleThread() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
-  }
-
- private:
-  int prev_;
-};
 
 std::vector<Workspace> make_workspaces(const Plan& pl, bool backward) {
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), pl.n_tiles));

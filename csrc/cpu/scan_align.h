@@ -4,7 +4,8 @@
 
 namespace hatkernels::cpu {
 
-// out [bi, bt] float32.
+// out [bi, bt] float32. Both launchers run OpenMP over tiles (MKL single-threaded inside) and
+// throw std::invalid_argument for a length outside [1, m_max] / [1, n_max] or a bad direction.
 void scan_align_forward(const Problem& p, float lambda_softmax, float* out);
 
 // grad_out [bi, bt]; grad_images [bi, m_max, d] and grad_texts [bt, n_max, d] are written in

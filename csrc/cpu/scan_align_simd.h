@@ -42,7 +42,8 @@ inline float hsum(V16 v) {
   using V4 = float __attribute__((vector_size(16)));
   const V8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const V4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const V4 b =
+      __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
@@ -52,7 +53,8 @@ inline float hmax(V16 v) {
   const V8 a0 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
   const V8 a1 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const V8 a = a0 > a1 ? a0 : a1;
-  const V4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3), b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const V4 b0 = __builtin_shufflevector(a, a, 0, 1, 2, 3);
+  const V4 b1 = __builtin_shufflevector(a, a, 4, 5, 6, 7);
   const V4 b = b0 > b1 ? b0 : b1;
   const float c0 = b[0] > b[2] ? b[0] : b[2], c1 = b[1] > b[3] ? b[1] : b[3];
   return c0 > c1 ? c0 : c1;
