@@ -9,6 +9,10 @@
 #include <immintrin.h>
 #endif
 
+// Without AVX-512, GCC notes (at the end of the file that includes this) that 64-byte vector
+// returns change the ABI; these functions are all inline, so no ABI is crossed.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace hatkernels::cpu::scan {
 
 constexpr int64_t kLanes = 16;  // floats per vector; buffers are padded to and aligned on it
