@@ -166,6 +166,26 @@ void add_norm_grad(torch::Tensor grad, const torch::Tensor& x, const torch::Tens
 
 // ---- max pooling ----
 
+// The captions' valid words back to back ([sum n, D]) and where each caption starts
+// ([Bt + 1], int64): the max kernels never multiply padding words.
+struct PackedTexts {
+  torch::Tensor words, offsets;
+};
+
+PackedTexts pack_texts(Prepared& p) {
+  const int64_t bt = p.problem.bt, n = p.problem.n;
+  auto lengths = p.text_lengths.clamp(0, n);
+  auto mask = torch::arange(n, lengths.options()).unsqueeze(0) < lengths.unsqueeze(1);
+  PackedTexts packed;
+  packed.words = p.texts.reshape({bt * n, p.problem.d}).index({mask.reshape({-1})}).contiguous();
+  packed.offsets = torch::zeros({bt + 1}, lengths.options());
+  packed.offsets.narrow(0, 1, bt).copy_(lengths.cumsum(0));
+  p.problem.texts_packed = packed.words.data_ptr();
+  p.problem.text_offsets = packed.offsets.data_ptr<int64_t>();
+  p.problem.vec = p.problem.vec && aligned16(packed.words);
+  return packed;
+}
+
 torch::Tensor max_align_forward(const torch::Tensor& images, const torch::Tensor& texts,
                                 const torch::Tensor& image_lengths,
                                 const torch::Tensor& text_lengths, int64_t direction, bool mean) {
@@ -173,6 +193,7 @@ torch::Tensor max_align_forward(const torch::Tensor& images, const torch::Tensor
   c10::cuda::CUDAGuard guard(p.images.device());
   auto out = torch::empty({p.problem.bi, p.problem.bt}, p.images.options().dtype(torch::kFloat32));
   if (out.numel() == 0) return out;
+  const PackedTexts packed = pack_texts(p);
   hc::Plan plan;
   check(hc::max_align_plan(p.problem, p.dtype, false, &plan));
   check(hc::max_align_forward(p.problem, p.dtype, plan, out.data_ptr<float>(), stream()));
@@ -189,6 +210,7 @@ std::tuple<torch::Tensor, torch::Tensor> max_align_backward(
   auto gi = float_zeros(p.images, p.images.sizes());
   auto gt = float_zeros(p.texts, p.texts.sizes());
   if (g.numel() > 0) {
+    const PackedTexts packed = pack_texts(p);
     hc::Plan plan;
     check(hc::max_align_plan(p.problem, p.dtype, true, &plan));
     check(hc::max_align_backward(p.problem, p.dtype, plan, g.data_ptr<float>(),

@@ -93,15 +93,16 @@ __device__ __forceinline__ void load_lengths(const Problem& p, int64_t i0, int64
   __syncthreads();
 }
 
-// One side of a CTA block: `rows` = items x tokens padded rows starting at `base`.
+// One side of a CTA block: `rows` rows starting at `base`, either items x tokens padded rows
+// (`lens`: valid tokens per item, in shared memory) or packed valid rows (`lens` null).
 template <typename T>
 struct BlockSide {
   const T* base;
   int rows;
   int tokens;
-  const int* lens;  // shared memory, per item of the block
+  const int* lens;
   __device__ __forceinline__ bool valid(int row) const {
-    return row < rows && (row % tokens) < lens[row / tokens];
+    return row < rows && (lens == nullptr || (row % tokens) < lens[row / tokens]);
   }
 };
 

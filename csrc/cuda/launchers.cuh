@@ -24,6 +24,11 @@ struct Problem {
   int direction;
   bool mean;
   bool vec;  // 16-byte vector loads are allowed (d % 8 == 0 and aligned pointers)
+  // max pooling only: the captions' valid words packed back to back ([sum n, d], same dtype)
+  // and text_offsets [bt + 1] (device, int64) where caption j's words start; the kernels
+  // then never multiply padding words.
+  const void* texts_packed = nullptr;
+  const int64_t* text_offsets = nullptr;
 };
 
 // How a call is cut: blocks of `ib` whole images x `jb` whole captions, visited in groups of

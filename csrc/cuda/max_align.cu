@@ -1,13 +1,22 @@
 // Fused max pooling (SPEC 1.1) on CUDA: one CTA per block of whole images x whole captions.
-// The block's similarities are computed 64 x 64 at a time (common.cuh) and pooled while in
-// shared memory: a running max per (image, word) for t2i and per (image token, caption) for
-// i2t. Nothing of size [Bi, Bt, M, N] is ever written. The backward recomputes the same
-// tiles, keeps the argmax, and adds coef * (other side's winning token) into float32 gradient
-// buffers with atomics (one winner per query token, SPEC 1.1).
+// Captions come packed (their valid words back to back, so padding words are never
+// multiplied); the block's similarities are computed 64 x 64 at a time (common.cuh) and
+// pooled while in shared memory: a running max per (image, word) for t2i and per (image
+// token, caption) for i2t. Nothing of size [Bi, Bt, M, N] is ever written. The backward
+// recomputes the same tiles, keeps the argmax, and adds coef * (other side's winning token)
+// into float32 gradient buffers with atomics (one winner per query token, SPEC 1.1).
 #include "cuda/common.cuh"
 
 namespace hatkernels::cuda {
 namespace {
+
+// The block caption holding block column c (toff: packed word offsets of the block's
+// captions relative to its first one, toff[ncap] the block's word count).
+__device__ __forceinline__ int caption_of(int c, const int* toff, int ncap) {
+  int jl = 0;
+  while (jl + 1 < ncap && toff[jl + 1] <= c) ++jl;
+  return jl;
+}
 
 template <typename T, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
@@ -16,6 +25,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(128) TileSmem<T> sm;
   __shared__ int ilen[kMaxBlockItems];
   __shared__ int tlen[kMaxBlockItems];
+  __shared__ int toff[kMaxBlockItems + 1];
   extern __shared__ __align__(16) float dyn_smem[];
 
   const int tid = threadIdx.x;
@@ -30,8 +40,8 @@ __global__ void __launch_bounds__(kThreads)
   const int ncap = static_cast<int>(min(int64_t(JB), p.bt - j0));
   const bool t2i = p.direction != kI2T, i2t = p.direction != kT2I;
 
-  // Pooling state: tmax[il * C + c] best image token of image il for block column c (t2i),
-  // imax[r * JB + jl] best word of caption jl for block row r (i2t); arg* the winners.
+  // Pooling state: tmax[il * C + c] best image token of image il for block (packed) column c
+  // (t2i), imax[r * JB + jl] best word of caption jl for block row r (i2t); arg* the winners.
   float* tmax = dyn_smem;
   float* imax = tmax + IB * C;
   int* targ = reinterpret_cast<int*>(imax + R * JB);
@@ -44,20 +54,27 @@ __global__ void __launch_bounds__(kThreads)
     imax[e] = -INFINITY;
     if (kBackward) iarg[e] = -1;
   }
+  const int64_t first_word = p.text_offsets[j0];
+  for (int e = tid; e <= ncap; e += kThreads) {
+    toff[e] = static_cast<int>(p.text_offsets[j0 + e] - first_word);
+  }
   load_lengths(p, i0, j0, IB, JB, ilen, tlen);
+  const int words = toff[ncap];  // packed columns of this block (<= C)
 
   const T* images = static_cast<const T*>(p.images);
   const T* texts = static_cast<const T*>(p.texts);
+  const T* packed = static_cast<const T*>(p.texts_packed);
   const BlockSide<T> A{images + i0 * M * D, R, M, ilen};
-  const BlockSide<T> B{texts + j0 * N * D, C, N, tlen};
+  const BlockSide<T> B{packed + first_word * D, words, 1, nullptr};
 
   for (int row0 = 0; row0 < R; row0 += kTM) {
-    for (int col0 = 0; col0 < C; col0 += kTN) {
+    for (int col0 = 0; col0 < words; col0 += kTN) {
       if (!compute_tile<T>(A, B, row0, col0, D, p.vec, sm)) continue;
+      const int ncols = min(kTN, words - col0);
       // Running maxima in registers, flushed to the pooling state where an image (t2i) or a
       // caption (i2t) ends inside the tile, or at the tile's end. `arg >= 0` marks a flush
       // that saw a valid token (only those index the state).
-      if (t2i && tid < kTN && sm.vb[tid]) {  // one thread per column: max over image tokens
+      if (t2i && tid < ncols) {  // one thread per column: max over image tokens
         int il = row0 / M, tok = row0 % M, arg = -1;
         float best = -INFINITY;
         for (int r = 0; r < kTM; ++r) {
@@ -84,15 +101,16 @@ __global__ void __launch_bounds__(kThreads)
       const int r = tid - (kThreads - kTM);
       if (i2t && r >= 0 && sm.va[r]) {  // one thread per row: max over each caption's words
         const int lr = row0 + r;
-        int jl = col0 / N, w = col0 % N, arg = -1;
+        int jl = caption_of(col0, toff, ncap);
+        int w = col0 - toff[jl], arg = -1;
         float best = -INFINITY;
-        for (int c = 0; c < kTN; ++c) {
-          if (sm.vb[c] && sm.st[r][c] > best) {
+        for (int c = 0; c < ncols; ++c) {
+          if (sm.st[r][c] > best) {
             best = sm.st[r][c];
             arg = w;
           }
-          const bool wraps = ++w == N;
-          if (wraps || c == kTN - 1) {
+          const bool wraps = ++w >= tlen[jl];
+          if (wraps || c == ncols - 1) {
             const int e = lr * JB + jl;
             if (arg >= 0 && best > imax[e]) {
               imax[e] = best;
@@ -101,9 +119,9 @@ __global__ void __launch_bounds__(kThreads)
             best = -INFINITY;
             arg = -1;
           }
-          if (wraps) {
+          if (wraps && c + 1 < ncols) {
             w = 0;
-            ++jl;
+            jl = caption_of(col0 + c + 1, toff, ncap);
           }
         }
       }
@@ -119,7 +137,7 @@ __global__ void __launch_bounds__(kThreads)
       float score = 0.0f;
       if (t2i) {
         float acc = 0.0f;
-        for (int w = 0; w < n; ++w) acc += tmax[il * C + jl * N + w];
+        for (int c = toff[jl]; c < toff[jl + 1]; ++c) acc += tmax[il * C + c];
         score += p.mean ? acc / n : acc;
       }
       if (i2t) {
@@ -135,20 +153,23 @@ __global__ void __launch_bounds__(kThreads)
   // Backward: every winner adds coef * (the other token) to both tokens' gradients. The loops
   // over winners are uniform across the CTA; threads split the feature dimension.
   if (t2i) {
-    for (int e = 0; e < IB * C; ++e) {
-      const int il = e / C, c = e % C, jl = c / N, w = c % N;
-      if (il >= nimg || jl >= ncap || w >= tlen[jl]) continue;
-      const int r = targ[e];
-      if (r < 0) continue;
-      const int64_t i = i0 + il, j = j0 + jl;
-      const float coef = grad[i * p.ld_out + j] * (p.mean ? 1.0f / tlen[jl] : 1.0f);
-      const T* vrow = images + (i * M + r) * D;
-      const T* trow = texts + (j * N + w) * D;
-      float* gv = grad_images + (i * M + r) * D;
-      float* gt = grad_texts + (j * N + w) * D;
-      for (int64_t k = tid; k < D; k += kThreads) {
-        atomicAdd(gt + k, coef * Cvt<T>::to_float(vrow[k]));
-        atomicAdd(gv + k, coef * Cvt<T>::to_float(trow[k]));
+    for (int il = 0; il < nimg; ++il) {
+      int jl = 0;
+      for (int c = 0; c < words; ++c) {
+        while (c >= toff[jl + 1]) ++jl;
+        const int r = targ[il * C + c];
+        if (r < 0) continue;
+        const int w = c - toff[jl];
+        const int64_t i = i0 + il, j = j0 + jl;
+        const float coef = grad[i * p.ld_out + j] * (p.mean ? 1.0f / tlen[jl] : 1.0f);
+        const T* vrow = images + (i * M + r) * D;
+        const T* trow = texts + (j * N + w) * D;
+        float* gv = grad_images + (i * M + r) * D;
+        float* gt = grad_texts + (j * N + w) * D;
+        for (int64_t k = tid; k < D; k += kThreads) {
+          atomicAdd(gt + k, coef * Cvt<T>::to_float(vrow[k]));
+          atomicAdd(gv + k, coef * Cvt<T>::to_float(trow[k]));
+        }
       }
     }
   }
