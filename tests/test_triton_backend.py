@@ -216,7 +216,7 @@ def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run(
         [sys.executable, "-m", "hatkernels.triton.compile_check", "--arch", "90",
-         "--dtypes", "bf16,fp32", "--first-config-only"],
+         "--dtypes", "bf16", "--first-config-only"],
         capture_output=True, text=True, timeout=900, env=env, cwd=ROOT,
     )
     assert done.returncode == 0, done.stderr[-3000:]
