@@ -108,6 +108,7 @@ DEFAULTS: dict[str, Any] = {
         "threads": 0,
         "log_every": 50,
         "max_steps_per_epoch": 0,
+        "time_limit_s": 0,
     },
     "eval": {
         "batch_size": 128,

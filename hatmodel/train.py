@@ -11,7 +11,8 @@ The output folder gets ``out.log``, ``config.yaml``, ``history.json``, ``curves.
 :mod:`hatmodel.checkpoint`) and ``metrics.json`` (test metrics of the best checkpoint).
 ``--resume`` continues from ``last_state.pt`` at the epoch boundary where it was written, with
 the same optimizer, scheduler and RNG states, so an interrupted run ends exactly where an
-uninterrupted one does (CPU, fixed seed).
+uninterrupted one does (CPU, fixed seed). ``train.time_limit_s`` (0: none) is a safety net for
+slow machines: training stops early when it is reached, then the test evaluation runs.
 """
 
 from __future__ import annotations
@@ -172,9 +173,10 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
         log.info("resumed after epoch %d (step %d)", state["epoch"], scheduler.last_epoch)
 
     val_count = int(cfg["eval"]["val_images"]) or val_set.n_images
+    deadline = start + float(t["time_limit_s"]) if t["time_limit_s"] else math.inf
     for epoch in range(first_epoch, int(t["epochs"])):
         record = _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn,
-                              cfg, device, epoch, steps_per_epoch, progress)
+                              cfg, device, epoch, steps_per_epoch, progress, deadline)
         val, _ = evaluate_model(model, val_set, tokenizer, device,
                                 batch_size=int(cfg["eval"]["batch_size"]), count=val_count,
                                 memory_budget=int(cfg["eval"]["memory_budget"]),
@@ -197,6 +199,10 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
         (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
+        if time.time() > deadline:
+            log.warning("train.time_limit_s (%s s) reached after epoch %d of %d: stopping "
+                        "training early", t["time_limit_s"], epoch, int(t["epochs"]))
+            break
 
     from .plot import plot_history
 
@@ -210,7 +216,8 @@ def _needs_scaler(device: torch.device, cfg: dict[str, Any]) -> bool:
 
 
 def _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn, cfg,
-                 device, epoch: int, steps: int, progress: bool) -> dict[str, Any]:
+                 device, epoch: int, steps: int, progress: bool,
+                 deadline: float = math.inf) -> dict[str, Any]:
     t = cfg["train"]
     frozen = epoch < int(t["freeze_encoders_epochs"])
     model.freeze_encoders(frozen)
@@ -223,6 +230,9 @@ def _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}" + (" (frozen)" if frozen else ""),
                disable=not progress, leave=False)
     for i, batch in enumerate(bar):
+        if i > 0 and time.time() > deadline:
+            log.warning("epoch %d: time limit reached after %d of %d steps", epoch, i, steps)
+            break
         loss, health = train_step(model, batch, loss_fn, optimizer, scaler, cfg, device)
         scheduler.step()
         if not math.isfinite(loss):
