@@ -1,26 +1,29 @@
 // Fused max pooling on CPU (SPEC 1.1), forward and backward.
 //
-// Tiling. Each side's valid tokens are packed once, contiguously: V [sum m, D], T [sum n, D]
-// (padding is never read, never multiplied). Images are grouped into runs of whole images of
-// at most kTileRows tokens, captions into runs of whole captions of at most kTileCols words;
-// a tile is (image group x caption group). Tiles of whole items need no cross-tile merge.
-// Per tile, one GEMM C = V_tile T_tile^T [rows x cols] goes into a per-thread buffer that is
-// reused for every tile (rows x cols x 4 bytes, about 0.6 MiB: C stays in the 2 MiB L2, and
-// so do the two operand panels), the tile is pooled while hot (t2i: vector max down each
-// image's rows, then a sum per caption; i2t: a max along each caption's words per image
-// token, then a sum per image; both: both, from the same C) and its [bi, bt] block of the
-// output is written. OpenMP over tiles (dynamic), one BLAS thread per OpenMP thread.
+// Tiling. Only valid tokens are ever read or multiplied: images are grouped into runs of
+// whole images of at most kTileRows tokens, captions into runs of whole captions of at most
+// kTileCols words, and a tile is (image group x caption group), so no tile needs a merge
+// with another. The operands are packed once per call (max_align_gemm.h): with AVX-512,
+// image tokens into 12-row blocks and each caption group's words into 32-word strips, both
+// k-major, and a 12 x 32 register-blocked micro-kernel computes the tile's similarities
+// C [rows, cols] with no per-tile packing; otherwise the valid tokens are packed row-major and
+// MKL's sgemm_ computes C. C goes into a per-thread buffer reused for every tile (400 x 384
+// floats, 0.6 MiB; with the two operand panels it stays in the 2 MiB L2) and is pooled while
+// hot: t2i takes a vector max down each image's rows, then a sum per caption; i2t a max
+// along each caption's words for every image token, then a sum per image; both does both
+// from the same C. The tile then writes its [images, captions] block of the output. OpenMP
+// over tiles (dynamic schedule); each thread pins the BLAS to one thread (restored after).
 //
-// Backward recomputes each tile's C (no stored similarities), takes the winning index of every
-// query token, and scatters: a t2i winner (image token r, word w) with coefficient g adds
-// g T[w] to dV[r] and g V[r] to dT[w] (i2t the same with the roles swapped). That is
-// 4 D flops per query token and pair, 2/m (resp. 2/n) of the forward GEMM, so dense dS GEMMs
-// would cost more than they save. Ownership keeps it race-free without atomics: the loop
-// runs over groups of the "outer" side in sequence and, inside, in parallel over groups of
-// the other side, whose gradient rows each tile owns; the outer side's rows are accumulated
-// in small per-thread partials (one group's rows) and summed after a barrier. The side with
-// more groups is the parallel one. Tiles whose output-gradient block is all zero (hardest-
-// negative losses) are skipped.
+// Backward recomputes each tile's C (no similarities are stored), finds every query token's
+// winner (ties share the gradient, as torch's amax does), and scatters: a t2i winner
+// (image token r, word w) with coefficient a adds a T[w] to dV[r] and a V[r] to dT[w] (i2t the
+// same with the roles swapped). That is 4 D flops per query token and item, 2/m (or 2/n) of
+// the forward GEMM, so dense dS GEMMs would cost more than they save. Race-free without
+// atomics: a task owns one group of the "parallel" side (images for t2i and both, captions
+// for i2t, the side whose rows the scattered winners hit, kept hot in L2) and runs it
+// against every group of the other side, whose gradient rows go to per-thread partials
+// summed after one barrier (steps of several barriers only when threads x partial rows
+// exceed kPartialBudget). Tiles whose output-gradient block is all zero are skipped.
 #include "cpu/max_align.h"
 
 #include <omp.h>
@@ -43,8 +46,12 @@ using max_tiles::Packed;
 // Tile targets (tokens): tiles hold C and both operand panels in L2.
 constexpr int64_t kTileRows = 400, kTileCols = 384;
 constexpr int64_t kBackwardRows = 400, kBackwardCols = 384;
-// Bytes of per-thread gradient partials (all threads together) per backward step.
-constexpr int64_t kPartialBudget = int64_t{128} << 20;
+// Bytes of per-thread gradient partials (all threads together) per backward step
+// (overridable at build time so that tests can force many steps).
+#ifndef HATK_MAX_PARTIAL_BUDGET
+#define HATK_MAX_PARTIAL_BUDGET (int64_t{128} << 20)
+#endif
+constexpr int64_t kPartialBudget = HATK_MAX_PARTIAL_BUDGET;
 
 struct Plan {
   Packed v, t;
@@ -193,6 +200,9 @@ struct Winners {
   int32_t* idx;
   int32_t* ties;
   float* coef;
+  float** dv;  // per image of a tile: one word's winner rows and coefficients
+  const float** v;
+  float* a;
 };
 
 void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c,
@@ -217,23 +227,25 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
       for (int64_t w = plan.t.off[j]; w < plan.t.off[j] + n; ++w) {
         const float* tw = plan.t_rows.row(w);
         float* dtw = dt.row(w);
+        int64_t pairs = 0;
         for (int64_t i = t.i0; i < t.i1; ++i) {
           const float a = coef[i - t.i0];
           if (a == 0.f) continue;
           const int64_t o = (i - t.i0) * t.cols + w - t.w0, vr0 = plan.v.off[i];
           if (win.ties[o] == 1) {
             const int64_t r = vr0 + win.idx[o];
-            max_pool::axpy(dv.row(r), a, tw, d);
-            max_pool::axpy(dtw, a, plan.v_rows.row(r), d);
+            win.dv[pairs] = dv.row(r);
+            win.v[pairs] = plan.v_rows.row(r);
+            win.a[pairs++] = a;
             continue;
           }
           const float share = a / static_cast<float>(win.ties[o]);
           for (int64_t r = vr0; r < vr0 + p.image_lengths[i]; ++r) {
             if (c[(r - t.r0) * t.cols + w - t.w0] != win.best[o]) continue;
-            max_pool::axpy(dv.row(r), share, tw, d);
-            max_pool::axpy(dtw, share, plan.v_rows.row(r), d);
+            max_pool::axpy2(dv.row(r), tw, dtw, plan.v_rows.row(r), share, d);
           }
         }
+        max_pool::scatter_word(dtw, tw, pairs, win.dv, win.v, win.a, d);
       }
     }
   }
@@ -261,8 +273,7 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
           const float share = a / static_cast<float>(ties);
           for (int64_t l = k; l < n; ++l) {
             if (l != k && seg[l] != seg[k]) continue;
-            max_pool::axpy(dvr, share, plan.t_rows.row(tw0 + l), d);
-            max_pool::axpy(dt.row(tw0 + l), share, vr, d);
+            max_pool::axpy2(dvr, plan.t_rows.row(tw0 + l), dt.row(tw0 + l), vr, share, d);
             if (ties == 1) break;
           }
         }
@@ -305,7 +316,7 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
   // outer one: images for t2i and both, captions for i2t; unless that leaves too few tiles
   // to share among the threads.
   const int64_t enough = 4 * static_cast<int64_t>(omp_get_max_threads());
-  bool images_parallel = p.direction == kI2T;
+  bool images_parallel = p.direction != kI2T;
   if ((images_parallel ? n_ig : n_cg) < enough && (images_parallel ? n_cg : n_ig) >= enough)
     images_parallel = !images_parallel;
   const int64_t n_outer = images_parallel ? n_cg : n_ig;
@@ -341,7 +352,11 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
     auto best = max_tiles::scratch(per_tile);
     std::vector<int32_t> idx(per_tile), ties(per_tile);
     auto coef = max_tiles::scratch(std::max(plan.max_imgs, plan.max_caps));
-    const Winners win{best.get(), idx.data(), ties.data(), coef.get()};
+    std::vector<float*> win_dv(std::max<int64_t>(plan.max_imgs, 1));
+    std::vector<const float*> win_v(win_dv.size());
+    auto win_a = max_tiles::scratch(plan.max_imgs);
+    const Winners win{best.get(), idx.data(), ties.data(), coef.get(),
+                      win_dv.data(), win_v.data(), win_a.get()};
     auto partial = max_tiles::scratch(partial_rows * d);
     partials[omp_get_thread_num()] = partial.get();
     const int n_threads = omp_get_num_threads();

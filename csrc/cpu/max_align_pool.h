@@ -19,22 +19,22 @@ inline void column_max(const float* c, int64_t ldc, int64_t rows, int64_t cols, 
   }
 }
 
-// As column_max, also the first winning row of every column and how many rows tie with it
-// (the gradient is shared among exact ties, as torch's amax does).
+// As column_max, also a winning row of every column and how many rows tie with it (the
+// gradient is shared among exact ties, as torch's amax does): a max pass, then an equality
+// pass, cheaper than carrying index and count through the max.
 inline void column_argmax(const float* c, int64_t ldc, int64_t rows, int64_t cols, float* q,
                           int32_t* idx, int32_t* ties) {
-  std::memcpy(q, c, sizeof(float) * cols);
-  std::memset(idx, 0, sizeof(int32_t) * cols);
-  std::fill(ties, ties + cols, 1);
-  for (int64_t r = 1; r < rows; ++r) {
+  column_max(c, ldc, rows, cols, q);
+  std::memset(ties, 0, sizeof(int32_t) * cols);
+  for (int64_t r = 0; r < rows; ++r) {
     const float* cr = c + r * ldc;
     const int32_t rr = static_cast<int32_t>(r);
 #pragma omp simd
     for (int64_t w = 0; w < cols; ++w) {
-      const bool better = cr[w] > q[w];
-      ties[w] = better ? 1 : ties[w] + (cr[w] == q[w] ? 1 : 0);
-      q[w] = better ? cr[w] : q[w];
-      idx[w] = better ? rr : idx[w];
+      if (cr[w] == q[w]) {
+        idx[w] = rr;
+        ties[w] += 1;
+      }
     }
   }
 }
@@ -67,6 +67,48 @@ inline int64_t segment_argmax(const float* x, int64_t n, int64_t& ties) {
 inline void axpy(float* __restrict y, float a, const float* __restrict x, int64_t d) {
 #pragma omp simd
   for (int64_t k = 0; k < d; ++k) y[k] += a * x[k];
+}
+
+// y1 += a * x1 and y2 += a * x2 in one pass (a winner's two gradient rows).
+inline void axpy2(float* __restrict y1, const float* __restrict x1, float* __restrict y2,
+                  const float* __restrict x2, float a, int64_t d) {
+#pragma omp simd
+  for (int64_t k = 0; k < d; ++k) {
+    y1[k] += a * x1[k];
+    y2[k] += a * x2[k];
+  }
+}
+
+// One word's t2i winners over a tile's images (pair p: coefficient a[p], winner rows
+// v[p] / dv[p]): dv[p] += a[p] t and dt += sum_p a[p] v[p]. Chunks of 64 floats keep t and
+// the running sum in registers, so dt is read and written once per tile.
+inline void scatter_word(float* __restrict dt, const float* __restrict t, int64_t pairs,
+                         float* const* dv, const float* const* v, const float* a, int64_t d) {
+  constexpr int64_t kChunk = 64;
+  for (int64_t k0 = 0; k0 < d; k0 += kChunk) {
+    if (k0 + kChunk > d) {
+      for (int64_t p = 0; p < pairs; ++p) axpy2(dv[p] + k0, t + k0, dt + k0, v[p] + k0, a[p], d - k0);
+      return;
+    }
+    float tk[kChunk], acc[kChunk];
+#pragma omp simd
+    for (int64_t k = 0; k < kChunk; ++k) {
+      tk[k] = t[k0 + k];
+      acc[k] = 0.f;
+    }
+    for (int64_t p = 0; p < pairs; ++p) {
+      float* __restrict y = dv[p] + k0;
+      const float* __restrict x = v[p] + k0;
+      const float ap = a[p];
+#pragma omp simd
+      for (int64_t k = 0; k < kChunk; ++k) {
+        y[k] += ap * tk[k];
+        acc[k] += ap * x[k];
+      }
+    }
+#pragma omp simd
+    for (int64_t k = 0; k < kChunk; ++k) dt[k0 + k] += acc[k];
+  }
 }
 
 }  // namespace hatkernels::cpu::max_pool
