@@ -30,8 +30,10 @@ struct DirView {
   __device__ __forceinline__ float& dat(int q, int k) const { return ds[q * sq + k * sk]; }
 };
 
-// Sum over queries of the cosine q (SPEC 1.2 steps 1-4); wb holds 2 * L floats of this warp.
-__device__ float scan_dir_forward(const DirView& v, float lam, float* wb, int L, int lane) {
+// Sum over queries [q0, q1) of the cosine q (SPEC 1.2 steps 1-4; the key norms span every
+// query); wb holds 2 * L floats of this warp.
+__device__ float scan_dir_forward(const DirView& v, float lam, float* wb, int L, int lane, int q0,
+                                  int q1) {
   float* kn = wb;         // key norms (+ eps)
   float* alpha = wb + L;  // attention of the current query
   for (int k = lane; k < v.nk; k += 32) {
@@ -44,7 +46,7 @@ __device__ float scan_dir_forward(const DirView& v, float lam, float* wb, int L,
   }
   __syncwarp();
   float total = 0.0f;
-  for (int q = 0; q < v.nq; ++q) {
+  for (int q = q0; q < q1; ++q) {
     float mx = -INFINITY;
     for (int k = lane; k < v.nk; k += 32) {
       const float x = lam * leaky(v.at(q, k)) / kn[k];
@@ -258,6 +260,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ __align__(128) TileSmem<T> sm;
   __shared__ int ilen[kMaxBlockItems];
   __shared__ int tlen[kMaxBlockItems];
+  __shared__ float partial[kWarps];  // per-warp partial scores of split pairs
   extern __shared__ __align__(16) float dyn_smem[];
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
@@ -300,7 +303,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
 
-    for (int q = warp; q < IB * JB; q += kWarps) {  // one warp per (image, caption) pair
+    // One warp per (image, caption) pair; in the forward, with fewer pairs than warps, the
+    // warps of a pair split its queries and their partial scores are summed in order below.
+    const int pairs = IB * JB;
+    const int split = kBackward ? 1 : max(1, kWarps / pairs);
+    for (int u = warp; u < pairs * split; u += kWarps) {
+      const int q = u / split, part = u % split;
       const int il = q / JB, jl = q % JB;
       if (il >= nimg || jl >= ncap) continue;
       const int m = ilen[il], n = tlen[jl];
@@ -317,7 +325,8 @@ __global__ void __launch_bounds__(kThreads)
           v.dgram = aux.d_gram_img + i * M * M;
           scan_dir_backward(v, aux.lambda_softmax, p.mean ? g / n : g, wb, L, lane);
         } else {
-          const float s = scan_dir_forward(v, aux.lambda_softmax, wb, L, lane);
+          const float s = scan_dir_forward(v, aux.lambda_softmax, wb, L, lane,
+                                           part * n / split, (part + 1) * n / split);
           score += p.mean ? s / n : s;
         }
       }
@@ -329,13 +338,29 @@ __global__ void __launch_bounds__(kThreads)
           v.dgram = aux.d_gram_txt + j * N * N;
           scan_dir_backward(v, aux.lambda_softmax, p.mean ? g / m : g, wb, L, lane);
         } else {
-          const float s = scan_dir_forward(v, aux.lambda_softmax, wb, L, lane);
+          const float s = scan_dir_forward(v, aux.lambda_softmax, wb, L, lane,
+                                           part * m / split, (part + 1) * m / split);
           score += p.mean ? s / m : s;
         }
       }
-      if (!kBackward && lane == 0) out[i * p.ld_out + j] = score;
+      if (!kBackward && lane == 0) {
+        if (split == 1) {
+          out[i * p.ld_out + j] = score;
+        } else {
+          partial[u] = score;
+        }
+      }
     }
     __syncthreads();
+    if (!kBackward && split > 1 && tid < pairs) {
+      const int il = tid / JB, jl = tid % JB;
+      if (il < nimg && jl < ncap) {
+        float score = 0.0f;
+        for (int k = 0; k < split; ++k) score += partial[tid * split + k];
+        out[(i0 + il) * p.ld_out + j0 + jl] = score;
+      }
+    }
+    if (!kBackward) __syncthreads();
     if (kBackward) {
       apply_ds<T>(p, dsblk, ldb, i0, j0, nimg, ncap, ilen, tlen, grad_images, grad_texts);
       __syncthreads();
