@@ -135,6 +135,19 @@ def test_scan_t2i_backward_of_large_images_takes_the_exact_path(monkeypatch):
 
 
 @needs_kernels
+def test_max_ties_share_the_gradient(monkeypatch):
+    """D = 1 unit tokens tie everywhere: the gradient is shared among the tied tokens, as
+    torch.amax (the reference) and the other backends do (in chunks of two key items)."""
+    import hatkernels.triton.max_align as max_align
+
+    monkeypatch.setattr(max_align, "_WINNER_BYTES", 4 * 2 * 5 * 6)
+    case = _on_device(make_case(20, 4, 5, [(6, 4, 1), (3, 5, 2)]))
+    for direction in ("t2i", "i2t", "both"):
+        check_against_reference(case, "triton", torch.float32, pooling="max",
+                                direction=direction, reduce="mean")
+
+
+@needs_kernels
 def test_long_captions_take_the_exact_path():
     """Captions over MAX_WORDS tokens: scan goes to the torch backend's exact blocked path."""
     from hatkernels.triton import scan_align

@@ -16,7 +16,9 @@ Backward: the same kernel in ``WINNERS`` mode stores the winning packed key row 
 (key item, query token) as int32 (in chunks of key items that fit ``_WINNER_BYTES``); then
 ``_grad_query_kernel`` forms ``dQ = P^T K`` and ``_grad_key_kernel`` forms ``dK = P Q`` with
 ``tl.dot``, where ``P[r, w]`` is the gradient of the pair's score when ``r`` is ``w``'s winner
-and 0 otherwise. Each output row belongs to one program: no atomics, padding stays 0.
+and 0 otherwise. Each output row belongs to one program: no atomics, padding stays 0. Tied
+maxima (marked -1) share their gradient among the tied tokens on a small torch path, as
+``torch.amax`` and the other backends do.
 """
 
 from __future__ import annotations
@@ -123,6 +125,7 @@ def _max_kernel(
     r_end = tl.load(k_off_ptr + item1)
     best = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     arg = tl.zeros([BLOCK_Q], dtype=tl.int32)
+    ties = tl.zeros([BLOCK_Q], dtype=tl.int32)  # rows that reach the running max
     wide = tl.zeros([1], dtype=tl.int64)  # int64 offsets for the loop's scalar item ids
     cur = item0
     for r0 in range(r_start, r_end, BLOCK_K):
@@ -139,12 +142,15 @@ def _max_kernel(
             top = tl.max(masked, axis=0)
             if WINNERS:
                 at = r0 + tl.argmax(masked, axis=0).to(tl.int32)
+                here = tl.sum((masked == top[None, :]).to(tl.int32), axis=0)
+                ties = tl.where(top > best, here, tl.where(top == best, ties + here, ties))
                 arg = tl.where(top > best, at, arg)
             best = tl.maximum(best, top)
             if tl.load(k_off_ptr + c + 1) <= tile_end:  # item c is complete
-                if WINNERS:
-                    tl.store(win_ptr + (c - k_item_base + wide) * n_q + cols, arg,
-                             mask=cmask)
+                if WINNERS:  # -1: a tie, whose gradient the host shares (_tied_grads)
+                    tl.store(win_ptr + (c - k_item_base + wide) * n_q + cols,
+                             tl.where(ties > 1, -1, arg), mask=cmask)
+                    ties = tl.zeros([BLOCK_Q], dtype=tl.int32)
                 else:
                     part = tl.sum(tl.where(onehot, (best * weight)[None, :], 0.0), axis=1)
                     tl.atomic_add(out_ptr + (c + wide) * stride_ok + out_cols, part,
@@ -315,6 +321,33 @@ def max_align_forward(images: Tensor, texts: Tensor, image_lengths: Tensor,
     return total
 
 
+def _tied_grads(query: Packed, key: Packed, grad: Tensor, stride_gk: int, stride_gq: int,
+                is_mean: bool, tied: Tensor, base: int, d_query: Tensor, d_key: Tensor,
+                per_step: int = 4096) -> None:
+    """Gradient of tied maxima, shared evenly among the tied key tokens (as ``torch.amax``
+    does, and the other backends): the kernels skip the (key item, query token) entries that
+    the winners kernel marked -1; here they are recomputed in float32 with torch. Ties are
+    measure-zero for real data (SPEC 1.1), so this is the rare path."""
+    dim, size = query.x.shape[2], key.size
+    q_flat, dq_flat, dk_flat = query.x.view(-1, dim), d_query.view(-1, dim), d_key.view(-1, dim)
+    for e0 in range(0, tied.shape[0], max(1, per_step // size)):
+        item = tied[e0 : e0 + max(1, per_step // size), 0].long() + base
+        token = tied[e0 : e0 + max(1, per_step // size), 1].long()
+        q_rows, q_item = query.rows[token].long(), query.seg[token].long()
+        q = q_flat[q_rows].float()
+        g = grad.view(-1)[item * stride_gk + q_item * stride_gq]
+        if is_mean:
+            g = g / query.lengths[q_item].float()
+        valid = torch.arange(size, device=q.device) < key.lengths[item].long()[:, None]
+        k = torch.where(valid[..., None], key.x[item].float(), torch.zeros((), device=q.device))
+        s = torch.einsum("erd,ed->er", k, q).masked_fill(~valid, float("-inf"))
+        winners = (s == s.amax(1, keepdim=True)) & valid
+        share = winners * (g / winners.sum(1))[:, None]
+        dq_flat.index_add_(0, q_rows, torch.einsum("er,erd->ed", share, k))
+        k_rows = (item[:, None] * size + torch.arange(size, device=q.device)).reshape(-1)
+        dk_flat.index_add_(0, k_rows, (share[..., None] * q[:, None, :]).reshape(-1, dim))
+
+
 def _grads_of_chunk(query: Packed, key: Packed, grad: Tensor, stride_gk: int, stride_gq: int,
                     is_mean: bool, win: Tensor, base: int, n_items: int, d_query: Tensor,
                     d_key: Tensor) -> None:
@@ -338,6 +371,10 @@ def _grads_of_chunk(query: Packed, key: Packed, grad: Tensor, stride_gk: int, st
         grad, stride_gk, stride_gq, win, *sizes,
         IS_MEAN=is_mean, PRECISION=precision,
     )
+    tied = (win[: n_items * query.total].view(n_items, query.total) < 0).nonzero()
+    if tied.numel():
+        _tied_grads(query, key, grad, stride_gk, stride_gq, is_mean, tied, base, d_query,
+                    d_key)
 
 
 def max_align_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
