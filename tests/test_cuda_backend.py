@@ -171,12 +171,14 @@ def test_low_precision_tensor_cores(pooling, dtype):
 @needs_gpu
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_odd_shapes(pooling):
-    # One token items, D = 1 (max only: scan is degenerate there), single image / caption.
+    # One token items, D = 1 (max only: scan is degenerate there), single image / caption
+    # (a scan CTA with one or two pairs splits their queries across its warps), 130 words.
     d = 1 if pooling == "max" else 2
     for n_images, n_texts, levels in (
         (1, 1, [(1, 1, d)]),
         (3, 4, [(1, 3, 5), (4, 1, d)]),
         (1, 7, [(70, 9, 33)]),
+        (1, 2, [(9, 6, 16)]),
         (6, 1, [(5, 130, 40)]),
     ):
         case = make_case(3, n_images, n_texts, levels)
