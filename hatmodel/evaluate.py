@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +95,7 @@ def encode_images(model: RetrievalModel, dataset, device: torch.device, batch_si
     parts = []
     for images in tqdm(image_loader(dataset, batch_size, count), desc="encode images",
                        disable=not progress, leave=False):
-        with _autocast(device, amp):
+        with amp_autocast(device, amp):
             parts.append(model.encode_images(images.to(device)).detach())
     return Tokens.cat(parts)
 
@@ -110,7 +109,7 @@ def encode_captions(model: RetrievalModel, dataset, tokenizer, device: torch.dev
     for start in tqdm(range(0, len(captions), batch_size), desc="encode captions",
                       disable=not progress, leave=False):
         ids, mask = tokenizer(captions[start:start + batch_size])
-        with _autocast(device, amp):
+        with amp_autocast(device, amp):
             parts.append(model.encode_texts(ids.to(device), mask.to(device)).detach())
     return Tokens.cat(parts)
 
@@ -145,7 +144,9 @@ def evaluate_model(model: RetrievalModel, dataset, tokenizer, device: torch.devi
     return retrieval_metrics(sims, dataset.captions_per_image, folds), sims
 
 
-def _autocast(device: torch.device, amp: bool):
+def amp_autocast(device: torch.device, amp: bool):
+    """Mixed precision on GPU when ``amp`` (bfloat16 where supported, else float16); a no-op
+    on CPU."""
     if amp and device.type == "cuda":
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.autocast("cuda", dtype=dtype)
@@ -211,4 +212,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    main()

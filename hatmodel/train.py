@@ -36,7 +36,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import DEFAULT_CONFIG, config_path, load_config
 from .data import Batch, build_dataset, build_tokenizer, epoch_pairs, train_loader
-from .evaluate import evaluate_model, format_metrics, protocol_folds
+from .evaluate import amp_autocast, evaluate_model, format_metrics, protocol_folds
 from .losses import build_loss, score_spread
 from .models import RetrievalModel, build_model
 
@@ -106,10 +106,8 @@ def _same_image(batch: Batch) -> torch.Tensor:
 def train_step(model: RetrievalModel, batch: Batch, loss_fn, optimizer, scaler, cfg,
                device: torch.device) -> tuple[float, dict[str, float]]:
     """One optimisation step on a batch; returns the loss and the score-matrix health."""
-    from .evaluate import _autocast
-
     batch = batch.to(device)
-    with _autocast(device, bool(cfg["train"]["amp"])):
+    with amp_autocast(device, bool(cfg["train"]["amp"])):
         scores = model(batch.images, batch.input_ids, batch.attention_mask)
     loss = loss_fn(scores.float(), _same_image(batch))
     optimizer.zero_grad(set_to_none=True)
