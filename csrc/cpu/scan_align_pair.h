@@ -31,13 +31,13 @@ struct Attended {
   bool gram;
 };
 
-// Per-thread scratch, all [p_max, w_max] or [w_max] with w_max >= max(qp, width), 64-byte
+// Per-thread scratch, each at least as large as noted for the largest pair, 64-byte
 // aligned. Sized by the caller (see Workspace in scan_align.cpp).
 struct PairScratch {
   float* alpha;  // [p, qp]
   float* y;      // [p, width]: alpha G (Gram) or the contexts c_r (context mode)
   float* work;   // [p, qp]: backward only
-  float* col;    // [qp] x 4: sum of squares, lambda / den, softmax bias, backward sums
+  float* col;    // [qp] x 4: sum of squares, lambda / den, backward d alpha and den sums
   float* row;    // [p] x 4: num, |c|^2, backward per-row terms
 };
 
