@@ -94,9 +94,9 @@ class Killed(Exception):
 
 
 def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(tmp_path):
-    cfg = load_config("hat_tiny", ["train.epochs=3", "train.warmup_steps=2",
-                                   "train.schedule=step", "train.lr_step_epochs=1",
-                                   "train.lr_gamma=0.5", "train.freeze_encoders_epochs=1"])
+    overrides = ["train.epochs=3", "train.warmup_steps=2", "train.schedule=step",
+                 "train.lr_step_epochs=1", "train.lr_gamma=0.5", "train.freeze_encoders_epochs=1"]
+    cfg = load_config("hat_tiny", overrides)
     whole = train_cli.train(cfg, tmp_path / "whole", progress=False)
 
     def kill(epoch, record):
@@ -105,7 +105,8 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(tmp_path):
 
     with pytest.raises(Killed):
         train_cli.train(cfg, tmp_path / "split", progress=False, on_epoch_end=kill)
-    resumed = train_cli.train(cfg, tmp_path / "split", resume=True, progress=False)
+    resumed = train_cli.main(["--config", "hat_tiny", "--output-dir", str(tmp_path / "split"),
+                              "--resume", "--no-progress", *overrides])
     assert resumed == whole
     a = load_file(str(tmp_path / "whole" / "last.safetensors"))
     b = load_file(str(tmp_path / "split" / "last.safetensors"))
