@@ -9,9 +9,9 @@
 // C [rows, cols] with no per-tile packing; otherwise the valid tokens are packed row-major and
 // MKL's sgemm_ computes C. C goes into a per-thread buffer reused for every tile (400 x 384
 // floats, 0.6 MiB; with the two operand panels it stays in the 2 MiB L2) and is pooled while
-// hot: t2i takes a vector max down each image's rows, then a sum per caption; i2t a max
-// along each caption's words for every image token, then a sum per image; both does both
-// from the same C. The tile then writes its [images, captions] block of the output. OpenMP
+// hot: t2i takes a vector max down each image's rows, then a sum per caption; i2t runs as
+// t2i of (texts, images) written transposed, so it gets the same vector max; both does
+// t2i and, from the same C, a max along each caption's words per image token. The tile then writes its [images, captions] block of the output. OpenMP
 // over tiles (dynamic schedule); each thread pins the BLAS to one thread (restored after).
 //
 // Backward recomputes each tile's C (no similarities are stored), finds every query token's
@@ -57,16 +57,17 @@ struct Plan {
   Packed v, t;
   std::vector<int64_t> ig, cg;  // group boundaries (items)
   int64_t max_rows = 0, max_cols = 0, max_caps = 0, max_imgs = 0;
+  int64_t si = 0, sj = 0;  // out[i, j] / grad_out[i, j] at i * si + j * sj
   max_gemm::Rows v_rows, t_rows;  // valid rows read straight from the inputs
   // GEMM operands: register-blocked panels (AVX-512) or row-major packed valid tokens.
   max_gemm::AlignedFloats a, b;
   std::vector<int64_t> b_start;  // per caption group: first float of its operand in b
 };
 
-Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols) {
-  max_tiles::check_lengths(p.image_lengths, p.bi, p.m_max, "image_lengths");
-  max_tiles::check_lengths(p.text_lengths, p.bt, p.n_max, "text_lengths");
+Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed) {
   Plan plan;
+  plan.si = transposed ? 1 : p.bt;
+  plan.sj = transposed ? p.bi : 1;
   plan.v = max_tiles::index_valid(p.image_lengths, p.bi);
   plan.t = max_tiles::index_valid(p.text_lengths, p.bt);
   plan.ig = max_tiles::group_items(plan.v.off, tile_rows);
@@ -145,13 +146,12 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t m = p.image_lengths[i];
     const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
-    float* oi = out + i * p.bt;
     if (t2i) {
       max_pool::column_max(ci, t.cols, m, t.cols, q);
       for (int64_t j = t.j0; j < t.j1; ++j) {
         const int64_t n = p.text_lengths[j];
         const float s = max_pool::segment_sum(q + plan.t.off[j] - t.w0, n);
-        oi[j] = p.mean ? s / static_cast<float>(n) : s;
+        out[i * plan.si + j * plan.sj] = p.mean ? s / static_cast<float>(n) : s;
       }
     }
     if (i2t) {
@@ -163,7 +163,8 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
       }
       for (int64_t j = t.j0; j < t.j1; ++j) {
         const float s = p.mean ? acc[j - t.j0] / static_cast<float>(m) : acc[j - t.j0];
-        oi[j] = t2i ? oi[j] + s : s;
+        float& o = out[i * plan.si + j * plan.sj];
+        o = t2i ? o + s : s;
       }
     }
   }
@@ -184,10 +185,10 @@ struct RowDest {
   }
 };
 
-bool block_is_zero(const Problem& p, const Tile& t, const float* g) {
+bool block_is_zero(const Plan& plan, const Tile& t, const float* g) {
   for (int64_t i = t.i0; i < t.i1; ++i)
     for (int64_t j = t.j0; j < t.j1; ++j)
-      if (g[i * p.bt + j] != 0.f) return false;
+      if (g[i * plan.si + j * plan.sj] != 0.f) return false;
   return true;
 }
 
@@ -220,7 +221,7 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
       const int64_t n = p.text_lengths[j];
       bool any = false;
       for (int64_t i = t.i0; i < t.i1; ++i) {
-        coef[i - t.i0] = g[i * p.bt + j] / (p.mean ? static_cast<float>(n) : 1.f);
+        coef[i - t.i0] = g[i * plan.si + j * plan.sj] / (p.mean ? static_cast<float>(n) : 1.f);
         any = any || coef[i - t.i0] != 0.f;
       }
       if (!any) continue;
@@ -255,7 +256,7 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
       const float scale = p.mean ? 1.f / static_cast<float>(m) : 1.f;
       bool any = false;
       for (int64_t j = t.j0; j < t.j1; ++j) {
-        coef[j - t.j0] = g[i * p.bt + j] * scale;
+        coef[j - t.j0] = g[i * plan.si + j * plan.sj] * scale;
         any = any || coef[j - t.j0] != 0.f;
       }
       if (!any) continue;
@@ -282,10 +283,20 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
   }
 }
 
-}  // namespace
+void check(const Problem& p) {
+  max_tiles::check_lengths(p.image_lengths, p.bi, p.m_max, "image_lengths");
+  max_tiles::check_lengths(p.text_lengths, p.bt, p.n_max, "text_lengths");
+}
 
-void max_align_forward(const Problem& p, float* out) {
-  const Plan plan = make_plan(p, kTileRows, kTileCols);
+// i2t of (images, texts) is t2i of (texts, images), transposed. Running it that way turns
+// its max along each caption's words into the vector max down rows (no horizontal segments).
+Problem as_t2i(const Problem& p) {
+  return Problem{p.texts, p.images, p.text_lengths, p.image_lengths, p.bt, p.n_max,
+                 p.bi,    p.m_max,  p.d,            kT2I,            p.mean};
+}
+
+void forward(const Problem& p, bool transposed, float* out) {
+  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
 #pragma omp parallel
@@ -303,9 +314,9 @@ void max_align_forward(const Problem& p, float* out) {
   }
 }
 
-void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
-                        float* grad_texts) {
-  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols);
+void backward(const Problem& p, bool transposed, const float* grad_out, float* grad_images,
+              float* grad_texts) {
+  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed);
   const int64_t d = p.d;
   std::fill(grad_images, grad_images + p.bi * p.m_max * d, 0.f);
   std::fill(grad_texts, grad_texts + p.bt * p.n_max * d, 0.f);
@@ -372,7 +383,7 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
       for (int64_t k = 0; k < n_inner; ++k) {
         for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
           const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
-          if (block_is_zero(p, t, grad_out)) continue;
+          if (block_is_zero(plan, t, grad_out)) continue;
           similarities(plan, t, d, c.get());
           backward_tile(p, plan, t, c.get(), grad_out, win,
                         images_parallel ? dv_direct : to_partial,
@@ -389,6 +400,25 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
       // Implicit barrier: partials may be cleared for the next step.
     }
   }
+}
+
+}  // namespace
+
+void max_align_forward(const Problem& p, float* out) {
+  check(p);
+  if (p.direction == kI2T)
+    forward(as_t2i(p), true, out);
+  else
+    forward(p, false, out);
+}
+
+void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
+                        float* grad_texts) {
+  check(p);
+  if (p.direction == kI2T)
+    backward(as_t2i(p), true, grad_out, grad_texts, grad_images);
+  else
+    backward(p, false, grad_out, grad_images, grad_texts);
 }
 
 }  // namespace hatkernels::cpu
