@@ -63,6 +63,8 @@ class RetrievalModel(nn.Module):
 
     #: names of the child modules that hold pretrained encoders (frozen in the first epochs)
     encoder_modules: tuple[str, ...] = ()
+    #: set by :meth:`freeze_encoders`; frozen encoders should run under ``torch.no_grad()``
+    encoders_frozen: bool = False
 
     def encode_images(self, images: Tensor) -> Tokens:
         raise NotImplementedError

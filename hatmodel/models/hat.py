@@ -30,7 +30,6 @@ class HAT(RetrievalModel):
         self.image_proj = nn.ModuleList(nn.Linear(d, embed_dim) for d in image.dims)
         self.text_proj = nn.ModuleList(nn.Linear(text.dim, embed_dim) for _ in text.layers)
         self.align = dict(align)
-        self.encoders_frozen = False
 
     def encode_images(self, images: Tensor) -> Tokens:
         with no_grad_if(self.encoders_frozen):
