@@ -16,7 +16,9 @@ The kernel contract (the same for every backend, checked once by ``hatkernels.ap
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -114,3 +116,71 @@ class Backend:
         memory_budget: int,
     ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+
+DIRECTION_CODES = {"t2i": 0, "i2t": 1, "both": 2}
+
+
+def load_extension(module: str, hint: str) -> tuple[ModuleType | None, str | None]:
+    """Import a compiled extension; on failure return ``(None, why)`` instead of raising."""
+    try:
+        return importlib.import_module(module), None
+    except ImportError as exc:
+        return None, f"extension {module} is not built ({exc}); {hint}"
+
+
+class ExtensionBackend(Backend):
+    """A backend whose kernels live in a compiled extension with the binding signatures of
+    ``csrc/bindings``: ``{op}_forward(images, texts, image_lengths, text_lengths,
+    direction_code, mean[, lambda_softmax])`` and ``{op}_backward(grad, ...)``."""
+
+    extension: ClassVar[ModuleType | None]
+    load_error: ClassVar[str | None]
+
+    def unavailable_reason(self) -> str | None:
+        return self.load_error
+
+    def max_align(
+        self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
+    ):
+        code, mean = DIRECTION_CODES[direction], reduce == "mean"
+        return self.extension.max_align_forward(
+            images, texts, image_lengths, text_lengths, code, mean
+        )
+
+    def max_align_backward(
+        self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
+    ):
+        code, mean = DIRECTION_CODES[direction], reduce == "mean"
+        return tuple(
+            self.extension.max_align_backward(
+                grad, images, texts, image_lengths, text_lengths, code, mean
+            )
+        )
+
+    def scan_align(
+        self, images, texts, image_lengths, text_lengths, direction, reduce, lambda_softmax,
+        memory_budget,
+    ):  # fmt: skip
+        code, mean = DIRECTION_CODES[direction], reduce == "mean"
+        return self.extension.scan_align_forward(
+            images, texts, image_lengths, text_lengths, code, mean, float(lambda_softmax)
+        )
+
+    def scan_align_backward(
+        self, grad, images, texts, image_lengths, text_lengths, direction, reduce,
+        lambda_softmax, memory_budget,
+    ):  # fmt: skip
+        code, mean = DIRECTION_CODES[direction], reduce == "mean"
+        return tuple(
+            self.extension.scan_align_backward(
+                grad,
+                images,
+                texts,
+                image_lengths,
+                text_lengths,
+                code,
+                mean,
+                float(lambda_softmax),
+            )  # fmt: skip
+        )

@@ -10,33 +10,23 @@ passes recompute the similarities and add into float32 gradients with atomics. N
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
-from .base import Backend
-from .cpu import DIRECTION_CODES
+from .base import ExtensionBackend, load_extension
 
 MIN_CAPABILITY = (8, 0)
 
-try:
-    _ext = importlib.import_module("hatkernels._C_cuda")
-
-    LOAD_ERROR: str | None = None
-except ImportError as exc:
-    _ext = None
-    LOAD_ERROR = (
-        f"extension hatkernels._C_cuda is not built ({exc}); it builds when torch has CUDA "
-        "and nvcc is found (unless HATKERNELS_SKIP_CUDA_BUILD=1)"
-    )
+_EXT, LOAD_ERROR = load_extension(
+    "hatkernels._C_cuda",
+    "it builds when torch has CUDA and nvcc is found (unless HATKERNELS_SKIP_CUDA_BUILD=1)",
+)
 
 
-class CudaBackend(Backend):
+class CudaBackend(ExtensionBackend):
     name = "cuda"
     device_types = ("cuda",)
-
-    def unavailable_reason(self) -> str | None:
-        return LOAD_ERROR
+    extension = _EXT
+    load_error = LOAD_ERROR
 
     def device_unsupported_reason(self, device: torch.device) -> str | None:
         if not torch.cuda.is_available():
@@ -49,75 +39,6 @@ class CudaBackend(Backend):
                 f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (the kernels are built for sm_80+)"
             )
         return None
-
-    def max_align(
-        self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
-    ):
-        return _ext.max_align_forward(
-            images,
-            texts,
-            image_lengths,
-            text_lengths,
-            DIRECTION_CODES[direction],
-            reduce == "mean",
-        )
-
-    def max_align_backward(
-        self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
-    ):
-        return _ext.max_align_backward(
-            grad,
-            images,
-            texts,
-            image_lengths,
-            text_lengths,
-            DIRECTION_CODES[direction],
-            reduce == "mean",
-        )
-
-    def scan_align(
-        self,
-        images,
-        texts,
-        image_lengths,
-        text_lengths,
-        direction,
-        reduce,
-        lambda_softmax,
-        memory_budget,
-    ):
-        return _ext.scan_align_forward(
-            images,
-            texts,
-            image_lengths,
-            text_lengths,
-            DIRECTION_CODES[direction],
-            reduce == "mean",
-            float(lambda_softmax),
-        )
-
-    def scan_align_backward(
-        self,
-        grad,
-        images,
-        texts,
-        image_lengths,
-        text_lengths,
-        direction,
-        reduce,
-        lambda_softmax,
-        memory_budget,
-    ):
-        return _ext.scan_align_backward(
-            grad,
-            images,
-            texts,
-            image_lengths,
-            text_lengths,
-            DIRECTION_CODES[direction],
-            reduce == "mean",
-            float(lambda_softmax),
-        )
 
 
 __all__ = ["CudaBackend", "LOAD_ERROR", "MIN_CAPABILITY"]
