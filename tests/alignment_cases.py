@@ -57,13 +57,17 @@ def make_case(
     levels: list[tuple[int, int, int]],
     normalise: bool = True,
 ) -> Case:
-    """Random tokens ``levels = [(M, N, D), ...]``, ragged lengths, NaN written in padding."""
+    """Random tokens ``levels = [(M, N, D), ...]``, ragged lengths, NaN written in padding.
+
+    Tokens are L2-normalised when ``normalise`` (except at D = 1, where that would make every
+    similarity +-1 and max pooling tie everywhere; SPEC 1.1: tests must not build ties).
+    """
     gen = torch.Generator().manual_seed(seed)
     case = Case([], [], [], [])
     for m, n, d in levels:
         v = torch.randn(n_images, m, d, generator=gen, dtype=torch.float64)
         t = torch.randn(n_texts, n, d, generator=gen, dtype=torch.float64)
-        if normalise:
+        if normalise and d > 1:  # unit vectors in 1-D are +-1: max pooling would tie
             v = v / v.norm(dim=-1, keepdim=True)
             t = t / t.norm(dim=-1, keepdim=True)
         vl = torch.randint(1, m + 1, (n_images,), generator=gen)
