@@ -117,15 +117,14 @@ def draw(result: dict[str, Any], picture: Image.Image, out: str | Path,
     fig = plt.figure(figsize=(2.2 * cols + 6.5, max(2.3 * rows, 4.5) + 0.9))
     grid = fig.add_gridspec(rows, cols + 3, width_ratios=[1] * cols + [0.25, 1.4, 1.4])
     w, h = picture.size
-    lo, hi = float(sims.min()), float(sims.max())
     for k, word in enumerate(words):
         ax = fig.add_subplot(grid[k // cols, k % cols])
         ax.imshow(picture, extent=(0, w, h, 0))
-        if boxes is None:  # HAT: the word's similarity over the patch grid
+        if boxes is None:  # HAT: the word's similarity over the patch grid, its own scale
             side = int(round(math.sqrt(sims.shape[1])))
             heat = sims[k].reshape(side, -1) if side * side == sims.shape[1] else sims[k][None]
-            ax.imshow(heat, extent=(0, w, h, 0), cmap="jet", alpha=0.5, vmin=lo, vmax=hi,
-                      interpolation="bilinear")
+            ax.imshow(heat, extent=(0, w, h, 0), cmap="jet", alpha=0.5, vmin=float(heat.min()),
+                      vmax=float(heat.max()) + 1e-6, interpolation="bilinear")
         else:  # TERAN: all regions faint, the best ones bold
             for x0, y0, x1, y1 in boxes:
                 ax.add_patch(Rectangle((x0 * w, y0 * h), (x1 - x0) * w, (y1 - y0) * h,
@@ -148,7 +147,8 @@ def draw(result: dict[str, Any], picture: Image.Image, out: str | Path,
     if boxes is not None:
         ax.set_xticks(range(sims.shape[1]))
     ax.set_xlabel(image_axis)
-    kind = "cosine similarity" if boxes is None else "similarity (L2-normalised tokens)"
+    kind = ("cosine similarity (panels: each word's own colour scale)" if boxes is None
+            else "similarity (L2-normalised tokens)")
     ax.set_title(f"word x {image_axis.split(' ')[0]} {kind}", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     note = f"  (left out of the alignment: {' '.join(result['left_out'])})" \
