@@ -341,3 +341,28 @@ def test_paper_configuration_forward_backward():
     for p in (model.region_encoder.global_token, model.text_proj.weight,
               model.shared_encoder.layers[1].linear2.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_killed_and_resumed_run_ends_the_same(tmp_path):
+    from hatmodel.train import train
+
+    cfg = tiny_cfg("train.epochs=2", "train.batch_size=16", "train.warmup_steps=2",
+                   "eval.batch_size=16", "train.threads=1", "model.teran.dropout=0.1")
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, record):
+        if epoch == 0:
+            raise Killed
+
+    whole = train(cfg, tmp_path / "whole", progress=False)
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "killed", progress=False, on_epoch_end=kill)
+    resumed = train(cfg, tmp_path / "killed", resume=True, progress=False)
+    assert resumed == whole
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "whole" / "last.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "last.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
