@@ -3,6 +3,7 @@ HuggingFace BERT giving per-layer hidden states. Weights come from local paths o
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -88,5 +89,6 @@ class BertTower(nn.Module):
 
 
 def no_grad_if(flag: bool):
-    """``torch.no_grad()`` when ``flag`` (frozen encoders need no graph), else a no-op."""
-    return torch.no_grad() if flag else torch.enable_grad()
+    """``torch.no_grad()`` when ``flag`` (frozen encoders need no graph), else a no-op that
+    keeps the caller's grad mode (evaluation under ``no_grad`` builds no graph)."""
+    return torch.no_grad() if flag else contextlib.nullcontext()
