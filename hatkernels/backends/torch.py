@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -175,59 +176,42 @@ class TorchBackend(Backend):
     device_types = ("cpu", "cuda", "mps", "xpu")
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-    def _plan(self, images, texts, budget, per_element):
+    def _run(self, block: BlockFn, bytes_per_element: int, images, texts, image_lengths,
+             text_lengths, memory_budget, grad=None):  # fmt: skip
+        """The forward (``grad`` None) or the recomputing backward of ``block`` over blocks."""
         pair = images.shape[1] * texts.shape[1]
-        return _blocks(images.shape[0], texts.shape[0], pair, per_element, budget, images.device)
+        bi, bt = _blocks(images.shape[0], texts.shape[0], pair, bytes_per_element,
+                         memory_budget, images.device)  # fmt: skip
+        if grad is None:
+            return _forward(block, images, texts, image_lengths, text_lengths, bi, bt)
+        return _backward(block, grad, images, texts, image_lengths, text_lengths, bi, bt)
 
     def max_align(
         self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
     ):
-        def block(v, t, vl, tl):
-            return _max_block(v, t, vl, tl, direction, reduce)
-
-        bi, bt = self._plan(images, texts, memory_budget, _MAX_BYTES)
-        return _forward(block, images, texts, image_lengths, text_lengths, bi, bt)
+        block = partial(_max_block, direction=direction, reduce=reduce)
+        return self._run(block, _MAX_BYTES, images, texts, image_lengths, text_lengths,
+                         memory_budget)  # fmt: skip
 
     def max_align_backward(
         self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
     ):
-        def block(v, t, vl, tl):
-            return _max_block(v, t, vl, tl, direction, reduce)
-
-        bi, bt = self._plan(images, texts, memory_budget, _MAX_BYTES)
-        return _backward(block, grad, images, texts, image_lengths, text_lengths, bi, bt)
+        block = partial(_max_block, direction=direction, reduce=reduce)
+        return self._run(block, _MAX_BYTES, images, texts, image_lengths, text_lengths,
+                         memory_budget, grad)  # fmt: skip
 
     def scan_align(
-        self,
-        images,
-        texts,
-        image_lengths,
-        text_lengths,
-        direction,
-        reduce,
-        lambda_softmax,
+        self, images, texts, image_lengths, text_lengths, direction, reduce, lambda_softmax,
         memory_budget,
-    ):
-        def block(v, t, vl, tl):
-            return _scan_block(v, t, vl, tl, direction, reduce, lambda_softmax)
-
-        bi, bt = self._plan(images, texts, memory_budget, _SCAN_BYTES)
-        return _forward(block, images, texts, image_lengths, text_lengths, bi, bt)
+    ):  # fmt: skip
+        block = partial(_scan_block, direction=direction, reduce=reduce, lam=lambda_softmax)
+        return self._run(block, _SCAN_BYTES, images, texts, image_lengths, text_lengths,
+                         memory_budget)  # fmt: skip
 
     def scan_align_backward(
-        self,
-        grad,
-        images,
-        texts,
-        image_lengths,
-        text_lengths,
-        direction,
-        reduce,
-        lambda_softmax,
-        memory_budget,
-    ):
-        def block(v, t, vl, tl):
-            return _scan_block(v, t, vl, tl, direction, reduce, lambda_softmax)
-
-        bi, bt = self._plan(images, texts, memory_budget, _SCAN_BYTES)
-        return _backward(block, grad, images, texts, image_lengths, text_lengths, bi, bt)
+        self, grad, images, texts, image_lengths, text_lengths, direction, reduce,
+        lambda_softmax, memory_budget,
+    ):  # fmt: skip
+        block = partial(_scan_block, direction=direction, reduce=reduce, lam=lambda_softmax)
+        return self._run(block, _SCAN_BYTES, images, texts, image_lengths, text_lengths,
+                         memory_budget, grad)  # fmt: skip

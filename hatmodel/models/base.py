@@ -12,9 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from hatkernels import hier_align
 
 
 @dataclass
@@ -65,6 +68,8 @@ class RetrievalModel(nn.Module):
     encoder_modules: tuple[str, ...] = ()
     #: set by :meth:`freeze_encoders`; frozen encoders should run under ``torch.no_grad()``
     encoders_frozen: bool = False
+    #: ``hier_align`` settings (pooling, direction, reduce, lambda_softmax, weights, backend)
+    align: dict[str, Any]
 
     def encode_images(self, images: Tensor) -> Tokens:
         raise NotImplementedError
@@ -73,8 +78,16 @@ class RetrievalModel(nn.Module):
         raise NotImplementedError
 
     def score(self, images: Tokens, texts: Tokens, memory_budget: int | None = None) -> Tensor:
-        """``[Bi, Bt]`` float32 scores of every image against every caption."""
-        raise NotImplementedError
+        """``[Bi, Bt]`` float32 scores of every image against every caption: ``hier_align``
+        over the levels with the model's ``align`` settings (the ``model.align`` config)."""
+        a = self.align
+        extra = {} if memory_budget is None else {"memory_budget": int(memory_budget)}
+        return hier_align(
+            images.levels, texts.levels, image_lengths=images.lengths,
+            text_lengths=texts.lengths, pooling=a["pooling"], direction=a["direction"],
+            reduce=a["reduce"], lambda_softmax=float(a["lambda_softmax"]),
+            weights=a["weights"], backend=a["backend"], **extra,
+        )  # fmt: skip
 
     def forward(self, images: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.score(self.encode_images(images), self.encode_texts(input_ids, attention_mask))

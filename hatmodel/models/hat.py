@@ -9,8 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hatkernels import hier_align
-
 from .base import RetrievalModel, Tokens
 from .towers import BertTower, SwinTower, no_grad_if
 
@@ -42,16 +40,6 @@ class HAT(RetrievalModel):
             hidden = self.text_encoder(input_ids, attention_mask)
         lengths = attention_mask.sum(1).to(torch.int64)
         return Tokens([p(h) for p, h in zip(self.text_proj, hidden)], [lengths] * len(hidden))
-
-    def score(self, images: Tokens, texts: Tokens, memory_budget: int | None = None) -> Tensor:
-        a = self.align
-        extra = {} if memory_budget is None else {"memory_budget": int(memory_budget)}
-        return hier_align(
-            images.levels, texts.levels, image_lengths=images.lengths,
-            text_lengths=texts.lengths, pooling=a["pooling"], direction=a["direction"],
-            reduce=a["reduce"], lambda_softmax=float(a["lambda_softmax"]),
-            weights=a["weights"], backend=a["backend"], **extra,
-        )
 
 
 def build_hat(cfg: dict[str, Any], vocab_size: int | None = None) -> HAT:

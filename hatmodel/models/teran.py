@@ -20,8 +20,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from hatkernels import hier_align
-
 from ..data.regions import unpack_regions
 from .base import RetrievalModel, Tokens
 from .towers import BertTower
@@ -115,16 +113,6 @@ class TERAN(RetrievalModel):
         lengths = attention_mask.sum(1).to(torch.int64)
         aligned = (lengths - 1 - self.drop_last_tokens).clamp(min=1)
         return Tokens([tokens[:, 1:]], [aligned])
-
-    def score(self, images: Tokens, texts: Tokens, memory_budget: int | None = None) -> Tensor:
-        a = self.align
-        extra = {} if memory_budget is None else {"memory_budget": int(memory_budget)}
-        return hier_align(
-            images.levels, texts.levels, image_lengths=images.lengths,
-            text_lengths=texts.lengths, pooling=a["pooling"], direction=a["direction"],
-            reduce=a["reduce"], lambda_softmax=float(a["lambda_softmax"]),
-            weights=a["weights"], backend=a["backend"], **extra,
-        )
 
 
 def build_teran(cfg: dict[str, Any], vocab_size: int | None = None) -> TERAN:
