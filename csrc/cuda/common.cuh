@@ -353,4 +353,26 @@ inline Status device_limits(DeviceLimits* out) {
   return Status{};
 }
 
+// Status of the kernel launch just issued: its launch error, if any, tagged with `where`.
+inline Status launch_status(const char* where) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return Status{e, where, nullptr};
+  return Status{};
+}
+
+// Calls f(std::type_identity<T>{}) with T the element type of `dtype` (float, __half or
+// __nv_bfloat16); `op` names the caller in the "unsupported dtype" status.
+template <typename F>
+Status dispatch_dtype(DType dtype, const char* op, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return f(std::type_identity<float>{});
+    case DType::kFloat16:
+      return f(std::type_identity<__half>{});
+    case DType::kBFloat16:
+      return f(std::type_identity<__nv_bfloat16>{});
+  }
+  return Status{cudaSuccess, op, "unsupported dtype"};
+}
+
 }  // namespace hatkernels::cuda

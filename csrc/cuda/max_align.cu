@@ -237,54 +237,32 @@ Status launch(const Problem& p, const Plan& pl, float* out, const float* grad, f
   max_align_kernel<T, kBackward><<<static_cast<unsigned>(pl.grid), kThreads,
                                    static_cast<size_t>(pl.dyn_smem), stream>>>(p, pl, out, grad,
                                                                                gi, gt);
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    return Status{e, kBackward ? "max_align_kernel (backward)" : "max_align_kernel (forward)",
-                  nullptr};
-  }
-  return Status{};
+  return launch_status(kBackward ? "max_align_kernel (backward)" : "max_align_kernel (forward)");
 }
 
 }  // namespace
 
 Status max_align_plan(const Problem& p, DType dtype, bool backward, Plan* plan) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return backward ? plan_for<float, true>(p, plan) : plan_for<float, false>(p, plan);
-    case DType::kFloat16:
-      return backward ? plan_for<__half, true>(p, plan) : plan_for<__half, false>(p, plan);
-    case DType::kBFloat16:
-      return backward ? plan_for<__nv_bfloat16, true>(p, plan)
-                      : plan_for<__nv_bfloat16, false>(p, plan);
-  }
-  return Status{cudaSuccess, "max_align", "unsupported dtype"};
+  return dispatch_dtype(dtype, "max_align", [&](auto t) {
+    using T = typename decltype(t)::type;
+    return backward ? plan_for<T, true>(p, plan) : plan_for<T, false>(p, plan);
+  });
 }
 
 Status max_align_forward(const Problem& p, DType dtype, const Plan& plan, float* out,
                          cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch<float, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
-    case DType::kFloat16:
-      return launch<__half, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
-  }
-  return Status{cudaSuccess, "max_align", "unsupported dtype"};
+  return dispatch_dtype(dtype, "max_align", [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch<T, false>(p, plan, out, nullptr, nullptr, nullptr, stream);
+  });
 }
 
 Status max_align_backward(const Problem& p, DType dtype, const Plan& plan, const float* grad,
                           float* grad_images, float* grad_texts, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch<float, true>(p, plan, nullptr, grad, grad_images, grad_texts, stream);
-    case DType::kFloat16:
-      return launch<__half, true>(p, plan, nullptr, grad, grad_images, grad_texts, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16, true>(p, plan, nullptr, grad, grad_images, grad_texts,
-                                         stream);
-  }
-  return Status{cudaSuccess, "max_align", "unsupported dtype"};
+  return dispatch_dtype(dtype, "max_align", [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch<T, true>(p, plan, nullptr, grad, grad_images, grad_texts, stream);
+  });
 }
 
 }  // namespace hatkernels::cuda

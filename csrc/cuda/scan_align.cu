@@ -30,6 +30,44 @@ struct DirView {
   __device__ __forceinline__ float& dat(int q, int k) const { return ds[q * sq + k * sk]; }
 };
 
+// Attention of query q over the keys (SPEC 1.2 steps 2-4, kn = key norms + eps) into
+// alpha[0, nk), and the warp-wide sums num = sum_k alpha S and c2 = alpha^T G alpha. When ga
+// is not null it receives G alpha (the backward reuses it).
+__device__ __forceinline__ void attend_row(const DirView& v, int q, float lam, const float* kn,
+                                           float* alpha, float* ga, int lane, float& num,
+                                           float& c2) {
+  float mx = -INFINITY;
+  for (int k = lane; k < v.nk; k += 32) {
+    const float x = lam * leaky(v.at(q, k)) / kn[k];
+    alpha[k] = x;
+    mx = fmaxf(mx, x);
+  }
+  mx = warp_max(mx);
+  float se = 0.0f;
+  for (int k = lane; k < v.nk; k += 32) {
+    const float e = expf(alpha[k] - mx);
+    alpha[k] = e;
+    se += e;
+  }
+  const float inv = 1.0f / warp_sum(se);
+  num = 0.0f;
+  for (int k = lane; k < v.nk; k += 32) {
+    const float a = alpha[k] * inv;
+    alpha[k] = a;
+    num = fmaf(a, v.at(q, k), num);
+  }
+  num = warp_sum(num);
+  __syncwarp();
+  c2 = 0.0f;
+  for (int k = lane; k < v.nk; k += 32) {
+    float g = 0.0f;
+    for (int k2 = 0; k2 < v.nk; ++k2) g = fmaf(v.gram[k2 * v.ldg + k], alpha[k2], g);
+    if (ga != nullptr) ga[k] = g;
+    c2 = fmaf(alpha[k], g, c2);
+  }
+  c2 = warp_sum(c2);
+}
+
 // Sum over queries [q0, q1) of the cosine q (SPEC 1.2 steps 1-4; the key norms span every
 // query); wb holds 2 * L floats of this warp.
 __device__ float scan_dir_forward(const DirView& v, float lam, float* wb, int L, int lane, int q0,
@@ -47,35 +85,8 @@ __device__ float scan_dir_forward(const DirView& v, float lam, float* wb, int L,
   __syncwarp();
   float total = 0.0f;
   for (int q = q0; q < q1; ++q) {
-    float mx = -INFINITY;
-    for (int k = lane; k < v.nk; k += 32) {
-      const float x = lam * leaky(v.at(q, k)) / kn[k];
-      alpha[k] = x;
-      mx = fmaxf(mx, x);
-    }
-    mx = warp_max(mx);
-    float se = 0.0f;
-    for (int k = lane; k < v.nk; k += 32) {
-      const float e = expf(alpha[k] - mx);
-      alpha[k] = e;
-      se += e;
-    }
-    const float inv = 1.0f / warp_sum(se);
-    float num = 0.0f;
-    for (int k = lane; k < v.nk; k += 32) {
-      const float a = alpha[k] * inv;
-      alpha[k] = a;
-      num = fmaf(a, v.at(q, k), num);
-    }
-    num = warp_sum(num);
-    __syncwarp();
-    float c2 = 0.0f;
-    for (int k = lane; k < v.nk; k += 32) {
-      float g = 0.0f;
-      for (int k2 = 0; k2 < v.nk; ++k2) g = fmaf(v.gram[k2 * v.ldg + k], alpha[k2], g);
-      c2 = fmaf(alpha[k], g, c2);
-    }
-    c2 = warp_sum(c2);
+    float num, c2;
+    attend_row(v, q, lam, kn, alpha, nullptr, lane, num, c2);
     total += num / fmaxf(v.qnorm[q] * sqrtf(fmaxf(c2, 0.0f)), kEps);
     __syncwarp();
   }
@@ -106,36 +117,8 @@ __device__ void scan_dir_backward(const DirView& v, float lam, float gq, float* 
   }
   __syncwarp();
   for (int q = 0; q < v.nq; ++q) {
-    float mx = -INFINITY;
-    for (int k = lane; k < v.nk; k += 32) {
-      const float x = lam * leaky(v.at(q, k)) / kn[k];
-      alpha[k] = x;
-      mx = fmaxf(mx, x);
-    }
-    mx = warp_max(mx);
-    float se = 0.0f;
-    for (int k = lane; k < v.nk; k += 32) {
-      const float e = expf(alpha[k] - mx);
-      alpha[k] = e;
-      se += e;
-    }
-    const float inv = 1.0f / warp_sum(se);
-    float num = 0.0f;
-    for (int k = lane; k < v.nk; k += 32) {
-      const float a = alpha[k] * inv;
-      alpha[k] = a;
-      num = fmaf(a, v.at(q, k), num);
-    }
-    num = warp_sum(num);
-    __syncwarp();
-    float c2 = 0.0f;
-    for (int k = lane; k < v.nk; k += 32) {
-      float g = 0.0f;
-      for (int k2 = 0; k2 < v.nk; ++k2) g = fmaf(v.gram[k2 * v.ldg + k], alpha[k2], g);
-      ga[k] = g;
-      c2 = fmaf(alpha[k], g, c2);
-    }
-    c2 = warp_sum(c2);
+    float num, c2;
+    attend_row(v, q, lam, kn, alpha, ga, lane, num, c2);
     // q = num / max(|x| |c|, eps) with |c| = sqrt(max(c2, 0)).
     const float cn = sqrtf(fmaxf(c2, 0.0f));
     const float xn = v.qnorm[q];
@@ -416,55 +399,33 @@ Status launch(const Problem& p, const Plan& pl, const ScanAux& aux, float* out,
   scan_align_kernel<T, kBackward><<<static_cast<unsigned>(pl.grid), kThreads,
                                     static_cast<size_t>(pl.dyn_smem), stream>>>(p, pl, aux, out,
                                                                                 grad, gi, gt);
-  const cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) {
-    return Status{e, kBackward ? "scan_align_kernel (backward)" : "scan_align_kernel (forward)",
-                  nullptr};
-  }
-  return Status{};
+  return launch_status(kBackward ? "scan_align_kernel (backward)" : "scan_align_kernel (forward)");
 }
 
 }  // namespace
 
 Status scan_align_plan(const Problem& p, DType dtype, bool backward, Plan* plan) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return backward ? plan_for<float, true>(p, plan) : plan_for<float, false>(p, plan);
-    case DType::kFloat16:
-      return backward ? plan_for<__half, true>(p, plan) : plan_for<__half, false>(p, plan);
-    case DType::kBFloat16:
-      return backward ? plan_for<__nv_bfloat16, true>(p, plan)
-                      : plan_for<__nv_bfloat16, false>(p, plan);
-  }
-  return Status{cudaSuccess, "scan_align", "unsupported dtype"};
+  return dispatch_dtype(dtype, "scan_align", [&](auto t) {
+    using T = typename decltype(t)::type;
+    return backward ? plan_for<T, true>(p, plan) : plan_for<T, false>(p, plan);
+  });
 }
 
 Status scan_align_forward(const Problem& p, DType dtype, const Plan& plan, const ScanAux& aux,
                           float* out, cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch<float, false>(p, plan, aux, out, nullptr, nullptr, nullptr, stream);
-    case DType::kFloat16:
-      return launch<__half, false>(p, plan, aux, out, nullptr, nullptr, nullptr, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16, false>(p, plan, aux, out, nullptr, nullptr, nullptr, stream);
-  }
-  return Status{cudaSuccess, "scan_align", "unsupported dtype"};
+  return dispatch_dtype(dtype, "scan_align", [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch<T, false>(p, plan, aux, out, nullptr, nullptr, nullptr, stream);
+  });
 }
 
 Status scan_align_backward(const Problem& p, DType dtype, const Plan& plan, const ScanAux& aux,
                            const float* grad, float* grad_images, float* grad_texts,
                            cudaStream_t stream) {
-  switch (dtype) {
-    case DType::kFloat32:
-      return launch<float, true>(p, plan, aux, nullptr, grad, grad_images, grad_texts, stream);
-    case DType::kFloat16:
-      return launch<__half, true>(p, plan, aux, nullptr, grad, grad_images, grad_texts, stream);
-    case DType::kBFloat16:
-      return launch<__nv_bfloat16, true>(p, plan, aux, nullptr, grad, grad_images, grad_texts,
-                                         stream);
-  }
-  return Status{cudaSuccess, "scan_align", "unsupported dtype"};
+  return dispatch_dtype(dtype, "scan_align", [&](auto t) {
+    using T = typename decltype(t)::type;
+    return launch<T, true>(p, plan, aux, nullptr, grad, grad_images, grad_texts, stream);
+  });
 }
 
 }  // namespace hatkernels::cuda
