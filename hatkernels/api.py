@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .backends.base import output_dtype
 from .dispatch import BACKEND_NAMES, select_backend
 from .ops import max_align, scan_align
-from .ops.common import output_dtype
 
 POOLINGS = ("max", "scan")
 DIRECTIONS = ("t2i", "i2t", "both")

@@ -24,8 +24,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-DIRECTIONS = ("t2i", "i2t", "both")
-REDUCES = ("mean", "sum")
+
+def output_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scores (and of the kernels' accumulation): float64 for float64 inputs,
+    else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class Backend:

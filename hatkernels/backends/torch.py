@@ -25,16 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Backend
+from .base import Backend, output_dtype
 
 EPS = 1e-8
 LEAKY_SLOPE = 0.1
 # Blocks of at most this many similarities on CPU keep the GEMM output close to the caches.
 _CPU_BLOCK_ELEMENTS = 1 << 21
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _mask(lengths: Tensor, size: int) -> Tensor:
@@ -44,7 +40,7 @@ def _mask(lengths: Tensor, size: int) -> Tensor:
 def _zero_padding(x: Tensor, lengths: Tensor) -> Tensor:
     """A float32/64 copy of ``x`` with padded tokens set to 0 (``where``: NaN-safe, grads too)."""
     keep = _mask(lengths, x.shape[1])[..., None]
-    x = x.to(_compute_dtype(x.dtype))
+    x = x.to(output_dtype(x.dtype))
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
@@ -136,7 +132,7 @@ BlockFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 def _forward(block: BlockFn, images, texts, vl, tl, bi: int, bt: int) -> Tensor:
     out = torch.empty(
-        images.shape[0], texts.shape[0], dtype=_compute_dtype(images.dtype), device=images.device
+        images.shape[0], texts.shape[0], dtype=output_dtype(images.dtype), device=images.device
     )
     with torch.no_grad():
         for i0 in range(0, images.shape[0], bi):
@@ -149,8 +145,8 @@ def _forward(block: BlockFn, images, texts, vl, tl, bi: int, bt: int) -> Tensor:
 
 def _backward(block: BlockFn, grad, images, texts, vl, tl, bi: int, bt: int):
     """Recompute each block under autograd and accumulate its input gradients."""
-    gi = torch.zeros(images.shape, dtype=_compute_dtype(images.dtype), device=images.device)
-    gt = torch.zeros(texts.shape, dtype=_compute_dtype(texts.dtype), device=texts.device)
+    gi = torch.zeros(images.shape, dtype=output_dtype(images.dtype), device=images.device)
+    gt = torch.zeros(texts.shape, dtype=output_dtype(texts.dtype), device=texts.device)
     with torch.enable_grad():
         for i0 in range(0, images.shape[0], bi):
             for j0 in range(0, texts.shape[0], bt):

@@ -14,10 +14,7 @@ import torch
 from torch import Tensor
 
 from hatkernels.backends import get_backend
-
-
-def output_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from hatkernels.backends.base import output_dtype
 
 
 def check_lengths(lengths: Tensor, size: int, name: str) -> None:
