@@ -128,12 +128,31 @@ def check_against_reference(
     ref_grads = torch.autograd.grad(ref, ref_in[0] + ref_in[1], cotangent)
     out_grads = torch.autograd.grad(out, test_in[0] + test_in[1], cotangent.float())
     padded = [~torch.isfinite(x) for x in rounded[0] + rounded[1]]
+    floor = 1e-3 * float(cotangent.norm())
+    baseline = None
     for k, (g, gr, pad) in enumerate(zip(out_grads, ref_grads, padded)):
         assert g.dtype == dtype and g.shape == gr.shape
         assert torch.isfinite(g).all(), f"grad {k}: non-finite values"
         assert bool((g[pad] == 0).all()), f"grad {k}: non-zero gradient on padding"
-        err = rel_err(g, zero_padding(gr), floor=1e-3 * float(cotangent.norm()))
-        assert err <= grad_tol, f"grad {k}: rel err {err:.3g}"
+        err = rel_err(g, zero_padding(gr), floor=floor)
+        if err > grad_tol:
+            # Ill-conditioned inputs (e.g. unnormalised tokens under a sharp softmax) defeat
+            # float32 itself: then the bar is 2x the naive way's own float32 error (STYLE 5).
+            baseline = baseline or _naive_float32_grads(case, rounded, cotangent, weights, kwargs)
+            naive_err = rel_err(baseline[k], zero_padding(gr), floor=floor)
+            assert err <= 2 * naive_err, (
+                f"grad {k}: rel err {err:.3g} (tolerance {grad_tol:.0e}; naive float32 "
+                f"{naive_err:.3g})"
+            )
+
+
+def _naive_float32_grads(case, rounded, cotangent, weights, kwargs):
+    inputs = [[x.float().requires_grad_(True) for x in side] for side in rounded]
+    out = naive_hier_align(
+        *inputs, case.image_lengths, case.text_lengths, weights=weights, **kwargs
+    )
+    grads = torch.autograd.grad(out, inputs[0] + inputs[1], cotangent.float())
+    return [zero_padding(g) for g in grads]
 
 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
