@@ -17,7 +17,7 @@ import hatkernels
 from alignment_cases import INTERPRETING, TOLERANCE, check_against_reference, make_case
 from hatkernels import hier_align
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[2]
 ON_GPU = torch.cuda.is_available() and not INTERPRETING
 needs_kernels = pytest.mark.skipif(
     not (INTERPRETING or ON_GPU), reason="needs a CUDA GPU or TRITON_INTERPRET=1"

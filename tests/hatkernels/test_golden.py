@@ -14,7 +14,7 @@ import torch
 from alignment_cases import TOLERANCE, backend_params, rel_err
 from hatkernels import hier_align
 
-GOLDEN = Path(os.environ.get("HATKERNELS_GOLDEN", Path(__file__).parents[2] / "shared" / "golden"))
+GOLDEN = Path(os.environ.get("HATKERNELS_GOLDEN", Path(__file__).parents[3] / "shared" / "golden"))
 MANIFEST = json.loads((GOLDEN / "manifest.json").read_text()) if GOLDEN.is_dir() else []
 
 

@@ -1,13 +1,20 @@
-"""The reference tests every backend of an operator must pass; ``test_max_align.py`` and
-``test_scan_align.py`` instantiate them for their pooling."""
+"""The reference tests every backend must pass, for both poolings: each test is parametrised
+over pooling and backend and compares scores and gradients with the float64 reference."""
 
 from __future__ import annotations
 
 import torch
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from alignment_cases import INTERPRETING, SETTINGS, check_against_reference, make_case
+from alignment_cases import (
+    INTERPRETING,
+    SETTINGS,
+    backend_params,
+    check_against_reference,
+    make_case,
+)
 
 # The Triton interpreter runs kernels in Python: fewer, smaller examples for it.
 EXAMPLES = {"torch": 30, "cpu": 40, "triton": 6}
@@ -16,7 +23,9 @@ EXAMPLES = {"torch": 30, "cpu": 40, "triton": 6}
 MIN_DIM = {"max": 1, "scan": 2}
 
 
-def random_shapes(pooling: str, backend: str) -> None:
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_random_shapes(pooling: str, backend: str) -> None:
     @settings(
         max_examples=EXAMPLES[backend], deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
@@ -42,7 +51,10 @@ def random_shapes(pooling: str, backend: str) -> None:
     run()
 
 
-def tiled_shapes(pooling: str, backend: str, direction: str, reduce: str) -> None:
+@pytest.mark.parametrize("direction,reduce", SETTINGS)
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_tiled_shapes(pooling: str, backend: str, direction: str, reduce: str) -> None:
     """Enough images and captions for several tiles, realistic token counts."""
     if backend == "triton" and INTERPRETING:
         n_images, n_texts, levels = 6, 9, [(20, 12, 32)]
@@ -60,7 +72,10 @@ def tiled_shapes(pooling: str, backend: str, direction: str, reduce: str) -> Non
     )
 
 
-def low_precision(pooling: str, backend: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision(pooling: str, backend: str, dtype: torch.dtype) -> None:
     case = make_case(5, 4, 5, [(9, 7, 24), (3, 5, 13)])
     for direction, reduce in (("t2i", "mean"), ("i2t", "sum"), ("both", "mean")):
         check_against_reference(
@@ -68,7 +83,9 @@ def low_precision(pooling: str, backend: str, dtype: torch.dtype) -> None:
         )
 
 
-def one_token_items(pooling: str, backend: str) -> None:
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_one_token_items(pooling: str, backend: str) -> None:
     case = make_case(3, 3, 4, [(1, 1, 5), (4, 3, MIN_DIM[pooling])])
     for direction, reduce in SETTINGS:
         check_against_reference(
@@ -76,7 +93,9 @@ def one_token_items(pooling: str, backend: str) -> None:
         )
 
 
-def padding_never_read(pooling: str, backend: str) -> None:
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("pooling", ["max", "scan"])
+def test_padding_never_read(pooling: str, backend: str) -> None:
     """NaN, Inf or huge values in padding give bit-identical scores and gradients."""
     from hatkernels import hier_align
 
