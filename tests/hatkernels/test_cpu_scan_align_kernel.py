@@ -1,6 +1,6 @@
 """The fused CPU scan kernel (csrc/cpu/scan_align.cpp) against the float64 naive reference.
 
-Kernel-specific coverage beyond tests/hatkernels/test_pooling_vs_reference.py: every direction x reduce x lambda,
+Kernel-specific coverage beyond test_pooling_vs_reference.py: every direction x reduce x lambda,
 both ways of getting |c|^2 (the Gram identity when the attended side is short, the formed
 context when D is the smaller side), several tiles and blocks per call (so that gradient
 rows of one image or caption are accumulated by different tiles and threads), odd D,

@@ -3,8 +3,8 @@ over pooling and backend and compares scores and gradients with the float64 refe
 
 from __future__ import annotations
 
-import torch
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
