@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .data import image_loader
 from .models import RetrievalModel, Tokens
+from .runtime import amp_autocast, pick_device
 
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
                "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
@@ -144,15 +145,6 @@ def evaluate_model(model: RetrievalModel, dataset, tokenizer, device: torch.devi
     return retrieval_metrics(sims, dataset.captions_per_image, folds), sims
 
 
-def amp_autocast(device: torch.device, amp: bool):
-    """Mixed precision on GPU when ``amp`` (bfloat16 where supported, else float16); a no-op
-    on CPU."""
-    if amp and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return torch.autocast(device.type, enabled=False)
-
-
 def protocol_folds(protocol: str, n_images: int) -> int:
     """``"5k"`` (all images at once) -> 1; ``"1k"`` -> folds of 1,000 images."""
     if protocol == "5k":
@@ -175,7 +167,6 @@ def format_metrics(m: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     from .checkpoint import load_for_eval
     from .data import build_dataset, build_tokenizer
-    from .train import pick_device
 
     p = argparse.ArgumentParser(prog="python -m hatmodel.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

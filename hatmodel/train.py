@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import math
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -36,40 +35,13 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from .config import DEFAULT_CONFIG, config_path, load_config
 from .data import Batch, build_dataset, build_tokenizer, epoch_pairs, train_loader
-from .evaluate import amp_autocast, evaluate_model, format_metrics, protocol_folds
+from .evaluate import evaluate_model, format_metrics, protocol_folds
 from .losses import build_loss, score_spread
 from .models import RetrievalModel, build_model
+from .runtime import amp_autocast, lr_factor, needs_grad_scaler, pick_device, seed_everything
 
 log = logging.getLogger("hatmodel")
 COLLAPSE_SPREAD = 1e-3
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def lr_factor(cfg: dict[str, Any], step: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at global ``step``: linear warmup, then HAT's
-    step decay (x ``lr_gamma`` every ``lr_step_epochs``) or a cosine to 0 over the run."""
-    t = cfg["train"]
-    warm = int(t["warmup_steps"])
-    factor = min(1.0, (step + 1) / warm) if warm > 0 else 1.0
-    if t["schedule"] == "step":
-        decays = (step // steps_per_epoch) // int(t["lr_step_epochs"])
-        return factor * float(t["lr_gamma"]) ** decays
-    if t["schedule"] == "cosine":
-        total = max(1, int(t["epochs"]) * steps_per_epoch - warm)
-        progress = min(1.0, max(0, step - warm) / total)
-        return factor * 0.5 * (1 + math.cos(math.pi * progress))
-    raise ValueError(f"train.schedule: expected 'step' or 'cosine', got {t['schedule']!r}")
 
 
 def make_optimizer(model: RetrievalModel, cfg: dict[str, Any]) -> torch.optim.Optimizer:
@@ -148,7 +120,7 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
     steps_per_epoch = _steps_per_epoch(n_pairs, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(cfg, step, steps_per_epoch))
-    scaler = torch.amp.GradScaler(device.type, enabled=_needs_scaler(device, cfg))
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(device, bool(t["amp"])))
     loss_fn = build_loss(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s: %.2fM parameters; %d train / %d val images; %d steps/epoch on %s",
@@ -206,11 +178,6 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
 
     plot_history(history, out_dir / "curves.png")
     return _final_test(cfg, out_dir, model, tokenizer, device, progress, start)
-
-
-def _needs_scaler(device: torch.device, cfg: dict[str, Any]) -> bool:
-    return (bool(cfg["train"]["amp"]) and device.type == "cuda"
-            and not torch.cuda.is_bf16_supported())
 
 
 def _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn, cfg,
