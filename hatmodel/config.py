@@ -109,6 +109,11 @@ DEFAULTS: dict[str, Any] = {
         "log_every": 50,
         "max_steps_per_epoch": 0,
         "time_limit_s": 0,
+        # Several processes under torchrun (hatmodel/distributed.py); ignored in one process.
+        "distributed": {
+            "backend": None,  # None: nccl on GPUs, gloo on CPUs
+            "timeout_s": 1800,  # any collective (rank 0's evaluations included) waits this long
+        },
     },
     "eval": {
         "batch_size": 128,
