@@ -1,6 +1,6 @@
-"""Retrieval evaluation (SPEC 4): encode every test image and caption once, score the whole
-images x captions matrix with one ``model.score`` (``hier_align``) call per block of images
-that fits the memory budget, then R@K, rsum and ranks.
+"""Retrieval evaluation (the papers' protocol): encode every test image and caption once,
+score the whole images x captions matrix with one ``model.score`` (``hier_align``) call per
+block of images that fits the memory budget, then R@K, rsum and ranks.
 
 ``python -m hatmodel.evaluate RUN_DIR_OR_CHECKPOINT [--protocol 1k|5k] [--split test]``
 prints the metrics and writes them to ``metrics_<split>_<protocol>.json`` beside the
@@ -23,6 +23,7 @@ from .data import image_loader
 from .models import RetrievalModel, Tokens
 from .runtime import amp_autocast, pick_device
 
+PROTOCOLS = ("1k", "5k")  # COCO 1K: five folds of 1,000 images; 5K: all at once
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
                "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 
@@ -171,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m hatmodel.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run folder (uses best.safetensors) or a checkpoint file")
-    p.add_argument("--protocol", choices=("1k", "5k"), default=None,
+    p.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="COCO 1K (five-fold) or 5K (whole set); default: the config's")
     p.add_argument("--split", choices=("val", "test"), default="test")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: the config's)")

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+LOSSES = ("hinge", "infonce")
+
 
 def _negatives(scores: Tensor, same_image: Tensor | None) -> Tensor:
     eye = torch.eye(scores.shape[0], dtype=torch.bool, device=scores.device)

@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
+SCHEDULES = ("step", "cosine")
+
 
 def pick_device(name: str) -> torch.device:
     """``"auto"``: CUDA when available, else the CPU; any other name as torch spells it."""
@@ -59,4 +61,5 @@ def lr_factor(cfg: dict[str, Any], step: int, steps_per_epoch: int) -> float:
     raise ValueError(f"train.schedule: expected 'step' or 'cosine', got {t['schedule']!r}")
 
 
-__all__ = ["amp_autocast", "lr_factor", "needs_grad_scaler", "pick_device", "seed_everything"]
+__all__ = ["SCHEDULES", "amp_autocast", "lr_factor", "needs_grad_scaler", "pick_device",
+           "seed_everything"]

@@ -20,9 +20,12 @@ from .datasets import KarpathyDataset, SceneDataset
 from .scenes import vocabulary
 from .text import HFTokenizer, SceneTokenizer
 
+KINDS = ("scenes", "coco", "f30k")
+SAMPLES = ("captions", "images")  # an epoch visits every caption, or every image once
+
 __all__ = [
-    "Batch", "KarpathyDataset", "SceneDataset", "build_dataset", "build_tokenizer",
-    "epoch_pairs", "image_loader", "train_loader",
+    "KINDS", "SAMPLES", "Batch", "KarpathyDataset", "SceneDataset", "build_dataset",
+    "build_tokenizer", "epoch_pairs", "image_loader", "train_loader",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Region features (TERAN, SPEC 3): detector regions instead of pixels, in three formats.
+"""Region features (TERAN): detector regions instead of pixels, in three formats.
 
 - ``npz``: one ``<image stem>.npz`` per image in ``data.regions.root`` (``features``
   ``[k, F]``, ``boxes`` ``[k, 4]`` as ``(x0, y0, x1, y1)`` pixels, ``image_w``, ``image_h``)

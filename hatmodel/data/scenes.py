@@ -7,9 +7,9 @@ scene differs from a "blue circle and red square" one only in which colour goes 
 shape). Generation is deterministic: scene ``i`` of a split depends only on
 ``(seed, split, i)``.
 
-Extension point (TERAN, issue 9): :attr:`Scene.objects` lists each object's attributes and
-its box in normalised ``(x0, y0, x1, y1)`` coordinates, so region features and boxes can be
-derived from a scene without a detector (see :func:`object_boxes`).
+Extension point (region models such as TERAN): :attr:`Scene.objects` lists each object's
+attributes and its box in normalised ``(x0, y0, x1, y1)`` coordinates, so region features and
+boxes can be derived from a scene without a detector (see :func:`object_boxes`).
 """
 
 from __future__ import annotations

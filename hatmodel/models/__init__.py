@@ -1,6 +1,6 @@
 """Model factory: ``cfg["model"]["name"]`` -> a :class:`RetrievalModel`.
 
-To add a model (TERAN, issue 9): write ``models/<name>.py`` with a ``RetrievalModel``
+To add a model (as TERAN was added): write ``models/<name>.py`` with a ``RetrievalModel``
 subclass and a ``build_<name>(cfg, vocab_size)`` function, and add it to :data:`MODELS`.
 Training, evaluation, checkpoints and both CLIs then work unchanged.
 """

@@ -1,6 +1,6 @@
-"""HAT (SPEC 2): Swin stage tokens and BERT layer tokens, one Linear per level and side,
-aligned level by level with ``hatkernels.hier_align`` (scan / i2t / mean, lambda 9) and
-summed."""
+"""HAT (the paper's released configuration): Swin stage tokens and BERT layer tokens, one
+Linear per level and side, aligned level by level with ``hatkernels.hier_align`` (scan / i2t /
+mean, lambda 9) and summed."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""TERAN (SPEC 3): region features and BERT word pieces, each through its own transformer, then
-a transformer encoder shared by both modalities, L2-normalised tokens, and the alignment
-through ``hatkernels.hier_align`` (MrSw: max / t2i / sum by default).
+"""TERAN (the paper's released configuration): region features and BERT word pieces, each
+through its own transformer, then a transformer encoder shared by both modalities,
+L2-normalised tokens, and the alignment through ``hatkernels.hier_align`` (MrSw: max / t2i /
+sum by default).
 
 The image-level token and each caption's [CLS] and last two tokens (final word piece and
 [SEP]) take no part in the alignment. They are left out through views and lengths, not

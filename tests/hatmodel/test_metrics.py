@@ -1,4 +1,4 @@
-"""retrieval_metrics (SPEC 4) on hand-built score matrices."""
+"""retrieval_metrics (the papers' protocol) on hand-built score matrices."""
 
 import numpy as np
 import pytest

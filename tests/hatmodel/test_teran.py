@@ -1,4 +1,4 @@
-"""TERAN (SPEC 3) on the hatmodel pipeline: shapes, the tokens left out of the alignment (by
+"""TERAN on the hatmodel pipeline: shapes, the tokens left out of the alignment (by
 views and lengths), poolings, loss gradients, training steps, the three region-data formats
 (scenes, per-image npz + Karpathy JSON, SCAN-style arrays) and their errors, a short run of
 the training CLI, and the paper configuration's forward and backward pass."""
