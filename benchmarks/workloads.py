@@ -60,6 +60,12 @@ class Workload:
         full = (self.n_images, self.n_texts)
         return self.slices.get((pooling, mode), {}).get(key, full)
 
+    def common_slice(self, pooling: str, mode: str) -> Slice:
+        """The smallest prefix any contender of ``(pooling, mode)`` is timed on: every
+        contender runs on it with the same inputs for the check against float64."""
+        slices = [(self.n_images, self.n_texts), *self.slices.get((pooling, mode), {}).values()]
+        return min(s[0] for s in slices), min(s[1] for s in slices)
+
     @property
     def shape(self) -> str:
         return (f"{self.n_images}x{self.m} vs {self.n_texts}x{self.text_len[0]}-{self.text_len[1]}"
@@ -114,6 +120,11 @@ class Inputs:
         return Inputs(self.images[:images].contiguous(), self.texts[:texts].contiguous(),
                       self.image_lengths[:images], self.text_lengths[:texts])
 
+    def to(self, dtype: torch.dtype) -> Inputs:
+        """The same tokens in ``dtype`` (the float64 reference runs on them)."""
+        return Inputs(self.images.to(dtype), self.texts.to(dtype), self.image_lengths,
+                      self.text_lengths)
+
     def valid_flops(self) -> int:
         """FLOPs of the similarities on valid tokens: ``2 * D * sum(m_i) * sum(n_j)``."""
         d = self.images.shape[2]
@@ -149,7 +160,7 @@ def _with_backward(fn: Callable[..., Tensor], x: Inputs, seed: int) -> Callable[
     v = x.images.detach().clone().requires_grad_(True)
     t = x.texts.detach().clone().requires_grad_(True)
     gen = torch.Generator().manual_seed(seed)
-    grad = torch.randn(v.shape[0], t.shape[0], generator=gen)
+    grad = torch.randn(v.shape[0], t.shape[0], generator=gen).to(v.dtype)
 
     def run() -> tuple[Tensor, Tensor, Tensor]:
         v.grad = t.grad = None
