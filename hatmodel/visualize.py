@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -44,16 +44,21 @@ def token_strings(tokenizer, ids: Tensor) -> list[str]:
 
 def _hat_input(cfg: dict[str, Any], dataset, image: str | int) -> tuple[Tensor, Image.Image]:
     """(normalised image tensor ``[3, S, S]``, the picture it shows) for HAT."""
-    from .data.datasets import normalise
-
-    size = int(cfg["data"]["image_size"])
     if isinstance(image, int) and hasattr(dataset, "pixels"):
         return dataset.image(image), Image.fromarray(dataset.pixels[image].permute(1, 2, 0).numpy())
     path = Path(dataset.paths[image]) if isinstance(image, int) else Path(image)
     if not path.is_file():
         raise ValueError(f"image: no image file at {path}")
     with Image.open(path) as img:
-        img = img.convert("RGB")
+        return hat_image(cfg, img.convert("RGB"))
+
+
+def hat_image(cfg: dict[str, Any], img: Image.Image) -> tuple[Tensor, Image.Image]:
+    """(normalised tensor ``[3, S, S]``, the picture it shows) of an RGB image, with the
+    evaluation transform of ``cfg``'s data (HAT's input for any image, e.g. an upload)."""
+    from .data.datasets import normalise
+
+    size = int(cfg["data"]["image_size"])
     if cfg["data"]["kind"] == "scenes":
         picture = img.resize((size, size), Image.BILINEAR)
     else:  # the evaluation transform: Resize(size * 256 / 224) + CenterCrop(size)
@@ -101,10 +106,11 @@ def alignment(model: RetrievalModel, tokenizer, images: Tensor, caption: str,
             "model": "TERAN" if is_teran else "HAT", "level": level}
 
 
-def draw(result: dict[str, Any], picture: Image.Image, out: str | Path,
-         boxes: np.ndarray | None = None, caption: str = "") -> Path:
+def draw(result: dict[str, Any], picture: Image.Image, out: str | Path | BinaryIO,
+         boxes: np.ndarray | None = None, caption: str = "") -> Path | BinaryIO:
     """Write the PNG: per-word panels (best boxes, or a heat map over the patch grid) and the
-    similarity matrix. ``boxes``: ``[regions, 4]`` normalised, for TERAN."""
+    similarity matrix. ``boxes``: ``[regions, 4]`` normalised, for TERAN. ``out``: a path, or
+    a binary file object (the picture as bytes, e.g. for a web page)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -156,9 +162,10 @@ def draw(result: dict[str, Any], picture: Image.Image, out: str | Path,
     fig.suptitle(f"{result['model']}  score {result['score']:.3f}\n\"{caption}\"{note}",
                  fontsize=10)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    if isinstance(out, (str, Path)):
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100, format="png")
     plt.close(fig)
     return out
 
@@ -169,7 +176,6 @@ def visualize(checkpoint: str | Path, image: str | int = 0, caption: str | None 
     """Load ``checkpoint`` and write the alignment picture of (``image``, ``caption``)."""
     from .checkpoint import load_for_eval
     from .data import build_dataset, build_tokenizer
-    from .models.teran import TERAN
 
     model, cfg, _ = load_for_eval(checkpoint, overrides)
     model.to("cpu")
@@ -183,20 +189,32 @@ def visualize(checkpoint: str | Path, image: str | int = 0, caption: str | None 
         if not isinstance(image, int):
             raise ValueError("caption: required with an image file")
         caption = dataset.captions[image * dataset.captions_per_image]
-    boxes = None
+    tensor, picture, boxes = pair_inputs(model, cfg, dataset, image)
+    result = alignment(model, tokenizer, tensor, caption, level)
+    return draw(result, picture, out, boxes, caption)
+
+
+def pair_inputs(model: RetrievalModel, cfg: dict[str, Any], dataset, image: str | int
+                ) -> tuple[Tensor, Image.Image, np.ndarray | None]:
+    """(model input, picture to draw on, TERAN's normalised boxes or ``None``) of ``image``:
+    an index into ``dataset`` or (HAT) an image file."""
+    from .models.teran import TERAN
+
     if isinstance(model, TERAN):
         if not isinstance(image, int):
             raise ValueError("image: TERAN reads region features: give an index into the split")
         tensor = dataset.image(image)
         _, norm_boxes = dataset.regions(image)
-        boxes = norm_boxes[: tensor[:, -1].sum().long()].numpy()
-        picture = dataset.picture(image)
-    else:
-        tensor, picture = _hat_input(cfg, dataset, image)
-        picture = picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.NEAREST) \
-            if picture.size[0] < DISPLAY_SIZE else picture
-    result = alignment(model, tokenizer, tensor, caption, level)
-    return draw(result, picture, out, boxes, caption)
+        return tensor, dataset.picture(image), norm_boxes[: tensor[:, -1].sum().long()].numpy()
+    tensor, picture = _hat_input(cfg, dataset, image)
+    return tensor, display_picture(picture), None
+
+
+def display_picture(picture: Image.Image) -> Image.Image:
+    """A small picture scaled up (nearest) to ``DISPLAY_SIZE`` so the panels stay legible."""
+    if picture.size[0] < DISPLAY_SIZE:
+        return picture.resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.NEAREST)
+    return picture
 
 
 def main(argv: list[str] | None = None) -> Path:
