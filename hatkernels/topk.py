@@ -39,14 +39,34 @@ class TopK(NamedTuple):
     indices: Tensor
 
 
-def _keys(scores: Tensor, first: int) -> Tensor:
-    """int64 keys of ``scores`` ``[Bq, c]`` for gallery items ``first .. first + c - 1``."""
-    v = scores.float() + 0.0  # -0.0 + 0.0 is +0.0: equal scores get equal keys
+def _keys(values: Tensor, index: Tensor) -> Tensor:
+    """int64 keys of float scores ``values`` of gallery items ``index`` (same shape)."""
+    v = values.float() + 0.0  # -0.0 + 0.0 is +0.0: equal scores get equal keys
     bits = v.view(torch.int32).to(torch.int64)
     bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
     bits = torch.where(torch.isnan(v), NAN_KEY, bits)
-    index = torch.arange(first, first + v.shape[1], device=v.device, dtype=torch.int64)
     return bits * (1 << 32) + ((1 << 32) - 1 - index)
+
+
+def _chunk_keys(scores: Tensor, first: int, k: int) -> Tensor:
+    """Keys of the ``k`` best of ``scores`` ``[Bq, c]`` (items ``first .. first + c - 1``).
+
+    A float top-k of ``k + 1`` picks them; only rows whose ``k``-th and ``k + 1``-th values
+    are equal (a tie at the cut, NaN or -inf included) are keyed in full, so the common case
+    keys ``k`` items per row instead of ``c``."""
+    c = scores.shape[1]
+    k = min(k, c)
+    v = scores.float()
+    ranked = v.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
+    top = ranked.topk(min(k + 1, c), dim=1)
+    index = top.indices[:, :k]
+    keys = _keys(v.gather(1, index), index + first)
+    if c > k:
+        tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
+        if len(tied):
+            every = torch.arange(first, first + c, device=v.device).expand(len(tied), -1)
+            keys[tied] = _keys(v[tied], every).topk(k, dim=1).values
+    return keys
 
 
 def _decode(keys: Tensor) -> TopK:
@@ -227,7 +247,7 @@ def hier_topk(
         else:
             s = hier_align(images, levels, image_lengths=image_lengths, text_lengths=lens,
                            **scoring)
-        best = _merge(best, _keys(s, offset + start), k)
+        best = _merge(best, _chunk_keys(s, offset + start, k), k)
     if best is None:
         best = torch.empty(n_query, 0, dtype=torch.int64, device=first.device)
     if group is not None:
