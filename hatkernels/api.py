@@ -1,5 +1,5 @@
-"""``hier_align``: the public entry point (SPEC 1.4). It validates once, normalises levels and
-lengths, asks ``dispatch`` for a backend and sums the per-level custom-op results."""
+"""``hier_align``: the public entry point. It validates once, normalises levels and lengths,
+asks ``dispatch`` for a backend per level and sums the per-level custom-op results."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .backends.base import output_dtype
+from .constants import MAX_LAMBDA_SOFTMAX
 from .dispatch import BACKEND_NAMES, select_backend
-from .ops import max_align, scan_align
+from .inputs import AlignInputs
+from .ops import align
 
 POOLINGS = ("max", "scan")
 DIRECTIONS = ("t2i", "i2t", "both")
@@ -87,6 +88,13 @@ def _as_lengths(x: LengthsArg, levels: list[Tensor], name: str) -> list[Tensor]:
             raise TypeError(f"{where}: expected an integer tensor, got dtype {lengths.dtype}")
         if tuple(lengths.shape) != (batch,):
             raise ValueError(f"{where}: expected shape ({batch},), got {tuple(lengths.shape)}")
+        if lengths.device.type == "meta" and tokens.device.type != "meta":
+            raise ValueError(
+                f"{where}: lengths on the meta device hold no values; pass them on "
+                f"{tokens.device} (the tokens' device) or on the CPU"
+            )
+        # Lengths on another device than the tokens (e.g. CPU lengths for GPU tokens) are
+        # copied over: they are small and read by value.
         out.append(lengths.to(device=tokens.device, dtype=torch.int64).contiguous())
     return out
 
@@ -127,7 +135,8 @@ def hier_align(
     backend: str = "auto",
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> Tensor:
-    """Score every (image, caption) pair from token-to-token alignment (SPEC section 1).
+    """Score every (image, caption) pair from token-to-token alignment (the exact math is in
+    ``docs/operators.md``).
 
     Args:
         images: ``[Bi, M, D]`` image tokens, or a sequence of ``L`` such tensors (one per
@@ -137,11 +146,12 @@ def hier_align(
         image_lengths, text_lengths: valid tokens per item (the first ones; the rest is
             padding and may hold anything). ``None`` (all valid), one integer tensor ``[B]``
             for every level, or a sequence of ``L`` entries (each ``None`` or a tensor).
-            Values must lie in ``[1, M]`` / ``[1, N]``.
+            Values must lie in ``[1, M]`` / ``[1, N]``. Lengths on another device than the
+            tokens are copied to it (not from the meta device, which holds no values).
         pooling: ``"max"`` (TERAN/ColBERT) or ``"scan"`` (HAT's cross-attention).
         direction: ``"t2i"`` (words query image tokens), ``"i2t"`` or ``"both"`` (their sum).
         reduce: ``"mean"`` or ``"sum"`` over the query side's valid tokens.
-        lambda_softmax: inverse temperature of scan pooling (HAT: 9).
+        lambda_softmax: inverse temperature of scan pooling (HAT: 9), in ``(0, 1e4]``.
         weights: ``L`` level weights (default all 1).
         backend: ``"auto"`` (fastest available for the device), ``"torch"``, ``"cpu"``,
             ``"triton"`` or ``"cuda"``. ``HATKERNELS_BACKEND`` overrides ``"auto"``.
@@ -149,7 +159,10 @@ def hier_align(
             (the torch backend); the ``[Bi, Bt]`` output is extra.
 
     Returns:
-        ``[Bi, Bt]`` float32 scores (float64 for float64 inputs), differentiable.
+        ``[Bi, Bt]`` float32 scores (float64 for float64 inputs), differentiable; an empty
+        batch gives an empty matrix, still connected to the graph. A NaN or Inf in a valid
+        token makes the scores of the pairs of its item NaN and nothing else (the gradients
+        likewise, where the upstream gradient is nonzero).
 
     Equivalent PyTorch for one level of max/t2i/mean with no padding::
 
@@ -169,8 +182,11 @@ def hier_align(
     _check_choice(backend, "backend", BACKEND_NAMES)
     if isinstance(lambda_softmax, bool) or not isinstance(lambda_softmax, (int, float)):
         raise TypeError(f"lambda_softmax: expected a number, got {type(lambda_softmax).__name__}")
-    if not math.isfinite(lambda_softmax) or lambda_softmax <= 0:
-        raise ValueError(f"lambda_softmax: expected a finite number > 0, got {lambda_softmax}")
+    if not (0 < lambda_softmax <= MAX_LAMBDA_SOFTMAX):
+        raise ValueError(
+            f"lambda_softmax: expected a number in (0, {MAX_LAMBDA_SOFTMAX:g}] (larger values "
+            f"overflow the kernels' float32 arithmetic), got {lambda_softmax}"
+        )
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int):
         raise TypeError(
             f"memory_budget: expected an int (bytes), got {type(memory_budget).__name__}"
@@ -209,23 +225,16 @@ def hier_align(
                 f"{tuple(v.shape)} and {tuple(t.shape)}"
             )
 
-    out_dtype = output_dtype(first.dtype)
-    if n_images == 0 or n_texts == 0:
-        return torch.zeros(n_images, n_texts, dtype=out_dtype, device=first.device)
-
     image_len = _as_lengths(image_lengths, image_levels, "image_lengths")
     text_len = _as_lengths(text_lengths, text_levels, "text_lengths")
-    chosen = select_backend(first.device, first.dtype, [v.shape[2] for v in image_levels], backend)
-
+    needs_grad = torch.is_grad_enabled() and any(
+        x.requires_grad for x in image_levels + text_levels
+    )
     total = None
     for w, v, t, vl, tl in zip(level_weights, image_levels, text_levels, image_len, text_len):
-        v, t = v.contiguous(), t.contiguous()
-        if pooling == "max":
-            s = max_align(v, t, vl, tl, direction, reduce, chosen.name, memory_budget)
-        else:
-            s = scan_align(
-                v, t, vl, tl, direction, reduce, float(lambda_softmax), chosen.name, memory_budget
-            )
+        inp = AlignInputs(v.contiguous(), t.contiguous(), vl, tl, pooling, direction, reduce,
+                          float(lambda_softmax), memory_budget, needs_grad)  # fmt: skip
+        s = align(inp, select_backend(inp, backend).name)
         s = s if w == 1.0 else s * w
         total = s if total is None else total + s
     return total

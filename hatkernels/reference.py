@@ -1,9 +1,12 @@
-"""The naive way, written straight from SPEC section 1: the float64 reference and the baseline.
+"""The naive way, written straight from the operators' definition (``docs/operators.md``): the
+float64 reference and the baseline.
 
 For a chunk of images it builds the whole ``[bi, Bt, M, N]`` similarity tensor, masks the
 padding and pools it; scan pooling forms the attended context vectors ``c`` explicitly. It
 is slow and memory-hungry on purpose: tests compare every backend with it in float64, and
-benchmarks time it as "the naive PyTorch way". Autograd flows through plain torch ops.
+benchmarks time it as "the naive PyTorch way". Autograd flows through plain torch ops; norms
+use ``torch.linalg.vector_norm``, whose gradient at a zero vector is 0 (as in every backend),
+so an all-zero valid token gets a finite gradient.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-EPS = 1e-8
-LEAKY_SLOPE = 0.1
+from .constants import EPS, LEAKY_SLOPE
 
 
 def _mask(lengths: Tensor, size: int) -> Tensor:
@@ -52,13 +54,13 @@ def _scan_pair_scores(s, v, t, vm, tm, direction, reduce, lam):
     a = torch.where(valid, F.leaky_relu(s, LEAKY_SLOPE), zero)
     out = 0
     if direction in ("t2i", "both"):
-        b = a / (torch.sqrt((a * a).sum(3, keepdim=True)) + EPS)  # across words, per region
+        b = a / (torch.linalg.vector_norm(a, dim=3, keepdim=True) + EPS)  # across words
         alpha = torch.softmax(torch.where(vm, lam * b, neg_inf), dim=2)  # words attend regions
         c = torch.einsum("ijrw,ird->ijwd", alpha, v)  # [bi, bt, N, D]
         q = _cosine(t[None], c)  # [bi, bt, N]
         out = out + _pool(q, tm[:, :, 0, :].expand_as(q), reduce, 2)
     if direction in ("i2t", "both"):
-        b = a / (torch.sqrt((a * a).sum(2, keepdim=True)) + EPS)  # across regions, per word
+        b = a / (torch.linalg.vector_norm(a, dim=2, keepdim=True) + EPS)  # across regions
         alpha = torch.softmax(torch.where(tm, lam * b, neg_inf), dim=3)  # regions attend words
         c = torch.einsum("ijrw,jwd->ijrd", alpha, t)  # [bi, bt, M, D]
         q = _cosine(v[:, None], c)  # [bi, bt, M]

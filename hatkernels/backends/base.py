@@ -1,17 +1,12 @@
-"""What every backend declares: its limits, why it may be unavailable, and four kernels.
+"""What every backend declares: its limits as reasons, why it may be unavailable, and four
+kernels.
 
-The kernel contract (the same for every backend, checked once by ``hatkernels.api``):
-
-- ``images`` ``[Bi, M, D]`` and ``texts`` ``[Bt, N, D]``: contiguous, one dtype, one device,
-  ``Bi, Bt, M, N, D >= 1``;
-- ``image_lengths`` ``[Bi]`` and ``text_lengths`` ``[Bt]``: int64 on the same device, values in
-  ``[1, M]`` and ``[1, N]``; tokens past them are padding and may hold anything, NaN included;
-- ``direction`` in ``{"t2i", "i2t", "both"}``, ``reduce`` in ``{"mean", "sum"}``;
-- forward returns ``[Bi, Bt]`` float32 (float64 for float64 inputs);
-- backward takes ``grad`` ``[Bi, Bt]`` (the output's dtype) and returns ``(grad_images,
-  grad_texts)`` with the inputs' shapes and dtype, exactly zero on padding;
-- ``memory_budget``: bytes of working memory the call may use (backends with fixed tiles
-  may ignore it).
+Every kernel method takes one ``AlignInputs`` (``hatkernels.inputs``: the contract, checked
+once by ``hatkernels.api``). Forward methods return ``[Bi, Bt]`` float32 scores (float64 for
+float64 inputs); backward methods take ``grad`` ``[Bi, Bt]`` (the output's dtype) and return
+``(grad_images, grad_texts)`` with the inputs' shapes and dtype, exactly zero on padding.
+A backend never hands a call to another backend: what it cannot serve, it reports in
+``not_supported_reasons`` and ``hatkernels.dispatch`` picks another one.
 """
 
 from __future__ import annotations
@@ -23,6 +18,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor
+
+from ..inputs import AlignInputs
 
 
 def output_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,10 +44,11 @@ class Backend:
         """Why this backend cannot run on ``device`` (beyond its device type), else None."""
         return None
 
-    def not_supported_reasons(
+    def environment_reasons(
         self, device: torch.device, dtype: torch.dtype, dims: Sequence[int]
     ) -> list[str]:
-        """Every reason this backend cannot serve tensors of this device, dtype and sizes D."""
+        """Every reason this backend cannot serve tensors of this device, dtype and sizes D,
+        whatever their shapes otherwise."""
         reasons = []
         missing = self.unavailable_reason()
         if missing:
@@ -68,56 +66,27 @@ class Backend:
             reasons.append(f"feature size {max(dims)} > {self.max_dim}")
         return reasons
 
-    def max_align(
-        self,
-        images: Tensor,
-        texts: Tensor,
-        image_lengths: Tensor,
-        text_lengths: Tensor,
-        direction: str,
-        reduce: str,
-        memory_budget: int,
-    ) -> Tensor:
+    def shape_reasons(self, inp: AlignInputs) -> list[str]:
+        """Limits on token counts and settings (none by default). A limit of the backward
+        only counts when ``inp.needs_grad``, and its reason says so."""
+        return []
+
+    def not_supported_reasons(self, inp: AlignInputs) -> list[str]:
+        """Every reason this backend cannot serve the call ``inp`` (empty: it can)."""
+        return self.environment_reasons(inp.device, inp.dtype, (inp.dim,)) + self.shape_reasons(
+            inp
+        )
+
+    def max_align(self, inp: AlignInputs) -> Tensor:
         raise NotImplementedError
 
-    def max_align_backward(
-        self,
-        grad: Tensor,
-        images: Tensor,
-        texts: Tensor,
-        image_lengths: Tensor,
-        text_lengths: Tensor,
-        direction: str,
-        reduce: str,
-        memory_budget: int,
-    ) -> tuple[Tensor, Tensor]:
+    def max_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def scan_align(
-        self,
-        images: Tensor,
-        texts: Tensor,
-        image_lengths: Tensor,
-        text_lengths: Tensor,
-        direction: str,
-        reduce: str,
-        lambda_softmax: float,
-        memory_budget: int,
-    ) -> Tensor:
+    def scan_align(self, inp: AlignInputs) -> Tensor:
         raise NotImplementedError
 
-    def scan_align_backward(
-        self,
-        grad: Tensor,
-        images: Tensor,
-        texts: Tensor,
-        image_lengths: Tensor,
-        text_lengths: Tensor,
-        direction: str,
-        reduce: str,
-        lambda_softmax: float,
-        memory_budget: int,
-    ) -> tuple[Tensor, Tensor]:
+    def scan_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
 
@@ -143,47 +112,21 @@ class ExtensionBackend(Backend):
     def unavailable_reason(self) -> str | None:
         return self.load_error
 
-    def max_align(
-        self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
-    ):
-        code, mean = DIRECTION_CODES[direction], reduce == "mean"
-        return self.extension.max_align_forward(
-            images, texts, image_lengths, text_lengths, code, mean
-        )
+    def _codes(self, inp: AlignInputs) -> tuple[int, bool]:
+        return DIRECTION_CODES[inp.direction], inp.reduce == "mean"
 
-    def max_align_backward(
-        self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
-    ):
-        code, mean = DIRECTION_CODES[direction], reduce == "mean"
+    def max_align(self, inp: AlignInputs) -> Tensor:
+        return self.extension.max_align_forward(*inp.tensors, *self._codes(inp))
+
+    def max_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
+        return tuple(self.extension.max_align_backward(grad, *inp.tensors, *self._codes(inp)))
+
+    def scan_align(self, inp: AlignInputs) -> Tensor:
+        lam = float(inp.lambda_softmax)
+        return self.extension.scan_align_forward(*inp.tensors, *self._codes(inp), lam)
+
+    def scan_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
+        lam = float(inp.lambda_softmax)
         return tuple(
-            self.extension.max_align_backward(
-                grad, images, texts, image_lengths, text_lengths, code, mean
-            )
-        )
-
-    def scan_align(
-        self, images, texts, image_lengths, text_lengths, direction, reduce, lambda_softmax,
-        memory_budget,
-    ):  # fmt: skip
-        code, mean = DIRECTION_CODES[direction], reduce == "mean"
-        return self.extension.scan_align_forward(
-            images, texts, image_lengths, text_lengths, code, mean, float(lambda_softmax)
-        )
-
-    def scan_align_backward(
-        self, grad, images, texts, image_lengths, text_lengths, direction, reduce,
-        lambda_softmax, memory_budget,
-    ):  # fmt: skip
-        code, mean = DIRECTION_CODES[direction], reduce == "mean"
-        return tuple(
-            self.extension.scan_align_backward(
-                grad,
-                images,
-                texts,
-                image_lengths,
-                text_lengths,
-                code,
-                mean,
-                float(lambda_softmax),
-            )  # fmt: skip
+            self.extension.scan_align_backward(grad, *inp.tensors, *self._codes(inp), lam)
         )

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import torch
 
+from ..inputs import AlignInputs
 from .base import ExtensionBackend, load_extension
 
 MIN_CAPABILITY = (8, 0)
+# Tokens per item that the kernels' index arithmetic allows.
+MAX_TOKENS = 1 << 20
 
 _EXT, LOAD_ERROR = load_extension(
     "hatkernels._C_cuda",
@@ -39,6 +42,11 @@ class CudaBackend(ExtensionBackend):
                 f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} (the kernels are built for sm_80+)"
             )
         return None
+
+    def shape_reasons(self, inp: AlignInputs) -> list[str]:
+        if max(inp.image_tokens, inp.text_tokens) > MAX_TOKENS:
+            return [f"over {MAX_TOKENS} tokens per item"]
+        return []
 
 
 __all__ = ["CudaBackend", "LOAD_ERROR", "MIN_CAPABILITY"]

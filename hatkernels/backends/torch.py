@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..constants import EPS, LEAKY_SLOPE
+from ..inputs import AlignInputs
 from .base import Backend, output_dtype
 
-EPS = 1e-8
-LEAKY_SLOPE = 0.1
 # Blocks of at most this many similarities on CPU keep the GEMM output close to the caches.
 _CPU_BLOCK_ELEMENTS = 1 << 21
 
@@ -88,10 +88,16 @@ def _max_block(v: Tensor, t: Tensor, vl: Tensor, tl: Tensor, direction: str, red
     return out
 
 
+def _root(x: Tensor) -> Tensor:
+    """``sqrt(max(x, 0))`` whose gradient is 0 where ``x <= 0`` (not ``inf * 0 = NaN``): the
+    subgradient the fused kernels take where a norm vanishes (e.g. an all-zero word)."""
+    positive = x > 0
+    return torch.where(positive, torch.sqrt(torch.where(positive, x, 1.0)), 0.0)
+
+
 def _cosine_from_gram(num: Tensor, alpha_g_alpha: Tensor, norms: Tensor) -> Tensor:
     """``<x, c> / max(|x| |c|, eps)`` given ``<x, c>``, ``|c|^2`` and ``|x|``."""
-    c_norm = torch.sqrt(torch.clamp(alpha_g_alpha, min=0))
-    return num / torch.clamp(norms * c_norm, min=EPS)
+    return num / torch.clamp(norms * _root(alpha_g_alpha), min=EPS)
 
 
 def _scan_block(
@@ -107,7 +113,7 @@ def _scan_block(
     a = F.leaky_relu(s, LEAKY_SLOPE).masked_fill(~(vm & tm), 0)
     out = v.new_zeros(bi, bt)
     if direction in ("t2i", "both"):
-        b = a / (torch.sqrt((a * a).sum(3, keepdim=True)) + EPS)  # across words, per region
+        b = a / (_root((a * a).sum(3, keepdim=True)) + EPS)  # across words, per region
         alpha = torch.softmax((lam * b).masked_fill(~vm, float("-inf")), dim=2)
         num = (alpha * s).sum(2)  # [bi, bt, N]: <T_w, c_w>
         gram = v @ v.transpose(1, 2)  # [bi, M, M]
@@ -116,7 +122,7 @@ def _scan_block(
         q = q.masked_fill(~tm[:, :, 0, :], 0).sum(2)
         out = out + (q / tl[None].to(q.dtype) if reduce == "mean" else q)
     if direction in ("i2t", "both"):
-        b = a / (torch.sqrt((a * a).sum(2, keepdim=True)) + EPS)  # across regions, per word
+        b = a / (_root((a * a).sum(2, keepdim=True)) + EPS)  # across regions, per word
         alpha = torch.softmax((lam * b).masked_fill(~tm, float("-inf")), dim=3)
         num = (alpha * s).sum(3)  # [bi, bt, M]: <V_r, c_r>
         gram = t @ t.transpose(1, 2)  # [bt, N, N]
@@ -172,42 +178,32 @@ class TorchBackend(Backend):
     device_types = ("cpu", "cuda", "mps", "xpu")
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-    def _run(self, block: BlockFn, bytes_per_element: int, images, texts, image_lengths,
-             text_lengths, memory_budget, grad=None):  # fmt: skip
+    def _run(self, block: BlockFn, bytes_per_element: int, inp: AlignInputs,
+             grad: Tensor | None = None):  # fmt: skip
         """The forward (``grad`` None) or the recomputing backward of ``block`` over blocks."""
+        images, texts = inp.images, inp.texts
         pair = images.shape[1] * texts.shape[1]
         bi, bt = _blocks(images.shape[0], texts.shape[0], pair, bytes_per_element,
-                         memory_budget, images.device)  # fmt: skip
+                         inp.memory_budget, images.device)  # fmt: skip
         if grad is None:
-            return _forward(block, images, texts, image_lengths, text_lengths, bi, bt)
-        return _backward(block, grad, images, texts, image_lengths, text_lengths, bi, bt)
+            return _forward(block, *inp.tensors, bi, bt)
+        return _backward(block, grad, *inp.tensors, bi, bt)
 
-    def max_align(
-        self, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
-    ):
-        block = partial(_max_block, direction=direction, reduce=reduce)
-        return self._run(block, _MAX_BYTES, images, texts, image_lengths, text_lengths,
-                         memory_budget)  # fmt: skip
+    def max_align(self, inp: AlignInputs) -> Tensor:
+        block = partial(_max_block, direction=inp.direction, reduce=inp.reduce)
+        return self._run(block, _MAX_BYTES, inp)
 
-    def max_align_backward(
-        self, grad, images, texts, image_lengths, text_lengths, direction, reduce, memory_budget
-    ):
-        block = partial(_max_block, direction=direction, reduce=reduce)
-        return self._run(block, _MAX_BYTES, images, texts, image_lengths, text_lengths,
-                         memory_budget, grad)  # fmt: skip
+    def max_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
+        block = partial(_max_block, direction=inp.direction, reduce=inp.reduce)
+        return self._run(block, _MAX_BYTES, inp, grad)
 
-    def scan_align(
-        self, images, texts, image_lengths, text_lengths, direction, reduce, lambda_softmax,
-        memory_budget,
-    ):  # fmt: skip
-        block = partial(_scan_block, direction=direction, reduce=reduce, lam=lambda_softmax)
-        return self._run(block, _SCAN_BYTES, images, texts, image_lengths, text_lengths,
-                         memory_budget)  # fmt: skip
+    def scan_align(self, inp: AlignInputs) -> Tensor:
+        return self._run(self._scan(inp), _SCAN_BYTES, inp)
 
-    def scan_align_backward(
-        self, grad, images, texts, image_lengths, text_lengths, direction, reduce,
-        lambda_softmax, memory_budget,
-    ):  # fmt: skip
-        block = partial(_scan_block, direction=direction, reduce=reduce, lam=lambda_softmax)
-        return self._run(block, _SCAN_BYTES, images, texts, image_lengths, text_lengths,
-                         memory_budget, grad)  # fmt: skip
+    def scan_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
+        return self._run(self._scan(inp), _SCAN_BYTES, inp, grad)
+
+    @staticmethod
+    def _scan(inp: AlignInputs) -> BlockFn:
+        return partial(_scan_block, direction=inp.direction, reduce=inp.reduce,
+                       lam=inp.lambda_softmax)  # fmt: skip

@@ -1,7 +1,9 @@
 """The ``triton`` backend: fused Triton kernels (``hatkernels/triton``) for CUDA GPUs.
 
 With ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors through Triton's
-interpreter (slow; how CI tests them). "auto" never picks it on CPU.
+interpreter (slow; how CI tests them). "auto" never picks it on CPU. Scan pooling's kernels
+hold a block of captions (and, in the t2i backward, a whole image) in one program; larger
+shapes are reported as reasons, so dispatch picks another backend for them.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ import contextlib
 import os
 
 import torch
+from torch import Tensor
 
+from ..inputs import AlignInputs
 from .base import Backend
 
 try:
@@ -44,34 +48,46 @@ class TritonBackend(Backend):
             return "CUDA is not available"
         return None
 
-    def max_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
-                  memory_budget):
+    def shape_reasons(self, inp: AlignInputs) -> list[str]:
+        if inp.pooling != "scan":
+            return []
+        from hatkernels.triton.common import MAX_T2I_TOKENS, MAX_WORDS, next_pow2
+
+        reasons = []
+        if next_pow2(inp.text_tokens) > MAX_WORDS:
+            reasons.append(
+                f"scan pooling with captions over {MAX_WORDS} tokens ({inp.text_tokens}): a "
+                "block of captions' Gram matrices must fit one program"
+            )
+        if inp.needs_grad and inp.direction != "i2t" and inp.image_tokens > MAX_T2I_TOKENS:
+            reasons.append(
+                f"scan {inp.direction} backward with over {MAX_T2I_TOKENS} image tokens "
+                f"({inp.image_tokens}): the forward could run, but gradients are needed"
+            )
+        return reasons
+
+    def max_align(self, inp: AlignInputs) -> Tensor:
         from hatkernels.triton.max_align import max_align_forward
 
-        with _on(images.device):
-            return max_align_forward(images, texts, image_lengths, text_lengths, direction,
-                                     reduce)
+        with _on(inp.device):
+            return max_align_forward(*inp.tensors, inp.direction, inp.reduce)
 
-    def max_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
-                           reduce, memory_budget):
+    def max_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
         from hatkernels.triton.max_align import max_align_backward
 
-        with _on(images.device):
-            return max_align_backward(grad, images, texts, image_lengths, text_lengths,
-                                      direction, reduce)
+        with _on(inp.device):
+            return max_align_backward(grad, *inp.tensors, inp.direction, inp.reduce)
 
-    def scan_align(self, images, texts, image_lengths, text_lengths, direction, reduce,
-                   lambda_softmax, memory_budget):
+    def scan_align(self, inp: AlignInputs) -> Tensor:
         from hatkernels.triton.scan_align import scan_align_forward
 
-        with _on(images.device):
-            return scan_align_forward(images, texts, image_lengths, text_lengths, direction,
-                                      reduce, lambda_softmax)
+        with _on(inp.device):
+            return scan_align_forward(*inp.tensors, inp.direction, inp.reduce,
+                                      inp.lambda_softmax)
 
-    def scan_align_backward(self, grad, images, texts, image_lengths, text_lengths, direction,
-                            reduce, lambda_softmax, memory_budget):
-        from hatkernels.triton.scan_align import scan_align_backward
+    def scan_align_backward(self, grad: Tensor, inp: AlignInputs) -> tuple[Tensor, Tensor]:
+        from hatkernels.triton.scan_backward import scan_align_backward
 
-        with _on(images.device):
-            return scan_align_backward(grad, images, texts, image_lengths, text_lengths,
-                                       direction, reduce, lambda_softmax)
+        with _on(inp.device):
+            return scan_align_backward(grad, *inp.tensors, inp.direction, inp.reduce,
+                                       inp.lambda_softmax)

@@ -1,20 +1,26 @@
-"""Registers an alignment operator as a pair of ``torch.library`` custom ops.
+"""What both alignment ops do around a backend's kernels: length checks, empty batches and
+the rule for non-finite tokens, forward and backward, the same for every backend.
 
-``hatkernels::<name>`` (forward) and ``hatkernels::<name>_backward`` each get a fake
-implementation for shapes, and autograd is registered on the forward op, so
-``torch.compile(fullgraph=True)`` traces through ``hier_align`` without graph breaks. The
-real implementations route to the chosen backend (see ``hatkernels.dispatch``).
+Non-finite tokens: a NaN or Inf in a valid token makes exactly the scores of the pairs that
+contain its item NaN, and, in the backward, the gradients of the valid tokens of both items of
+each such pair that has a nonzero upstream gradient; every other score and gradient is
+bit-identical to a run where that token holds a finite value. The kernels never see the
+non-finite values: such tokens are replaced by zeros before a kernel runs (so no kernel can
+leak them into other pairs through a shared tile), and the affected rows and columns are set
+to NaN afterwards. Padding is never part of this: it is never read.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import Tensor
 
 from hatkernels.backends import get_backend
 from hatkernels.backends.base import output_dtype
+from hatkernels.inputs import AlignInputs
 
 
 def check_lengths(lengths: Tensor, size: int, name: str) -> None:
@@ -29,44 +35,115 @@ def check_lengths(lengths: Tensor, size: int, name: str) -> None:
         )
 
 
-def register_alignment_op(name: str, extra_schema: str, method: str) -> Callable[..., Tensor]:
-    """Define ``hatkernels::{name}`` and its backward; returns the forward op.
+def _valid(lengths: Tensor, size: int) -> Tensor:
+    return torch.arange(size, device=lengths.device) < lengths[:, None]
 
-    ``extra_schema`` holds the op's own arguments between ``reduce`` and ``backend`` (e.g.
-    ``"float lambda_softmax, "``); ``method`` names the backend methods ``{method}`` and
-    ``{method}_backward`` that do the work.
-    """
-    common = "Tensor image_lengths, Tensor text_lengths, str direction, str reduce, "
-    tail = "str backend, int memory_budget"
-    lib = torch.library
-    fwd_schema = f"(Tensor images, Tensor texts, {common}{extra_schema}{tail}) -> Tensor"
-    bwd_schema = (
-        f"(Tensor grad, Tensor images, Tensor texts, {common}{extra_schema}{tail}) "
-        "-> (Tensor, Tensor)"
+
+def _nonfinite_tokens(x: Tensor, lengths: Tensor) -> Tensor:
+    """``[B, L]``: valid tokens holding a NaN or an Inf. A row sum over ``D`` (float32, or
+    float64 for float64 inputs) is non-finite when the row is; rows whose sum overflowed from
+    finite values are told apart by an exact check of those rows only."""
+    suspect = ~torch.isfinite(x.sum(-1, dtype=output_dtype(x.dtype))) & _valid(
+        lengths, x.shape[1]
     )
+    if not bool(suspect.any()):
+        return suspect
+    bad = suspect.clone()
+    bad[suspect] = ~torch.isfinite(x[suspect]).all(-1)
+    return bad
 
-    def forward_impl(images, texts, image_lengths, text_lengths, *args):
-        check_lengths(image_lengths, images.shape[1], "image_lengths")
-        check_lengths(text_lengths, texts.shape[1], "text_lengths")
-        *op_args, backend, budget = args
-        impl = getattr(get_backend(backend), method)
-        return impl(images, texts, image_lengths, text_lengths, *op_args, budget)
 
-    def forward_fake(images, texts, image_lengths, text_lengths, *args):
-        return images.new_empty((images.shape[0], texts.shape[0]), dtype=output_dtype(images.dtype))
+def _finite(inp: AlignInputs) -> tuple[AlignInputs, Tensor | None, Tensor | None]:
+    """``inp`` with non-finite valid tokens replaced by zeros, and which images and captions
+    held one (``[Bi]``, ``[Bt]``; both None when every valid token is finite)."""
+    bad_v = _nonfinite_tokens(inp.images, inp.image_lengths)
+    bad_t = _nonfinite_tokens(inp.texts, inp.text_lengths)
+    if not (bool(bad_v.any()) or bool(bad_t.any())):
+        return inp, None, None
+    zero = torch.zeros((), dtype=inp.dtype, device=inp.device)
+    clean = replace(
+        inp,
+        images=torch.where(bad_v[..., None], zero, inp.images),
+        texts=torch.where(bad_t[..., None], zero, inp.texts),
+    )
+    return clean, bad_v.any(1), bad_t.any(1)
 
-    def backward_impl(grad, images, texts, image_lengths, text_lengths, *args):
-        *op_args, backend, budget = args
-        impl = getattr(get_backend(backend), f"{method}_backward")
-        return impl(grad, images, texts, image_lengths, text_lengths, *op_args, budget)
 
-    def backward_fake(grad, images, texts, image_lengths, text_lengths, *args):
+def forward(inp: AlignInputs, backend: str) -> Tensor:
+    """``[Bi, Bt]`` scores of one level from ``backend``, lengths checked, NaN rule applied."""
+    check_lengths(inp.image_lengths, inp.image_tokens, "image_lengths")
+    check_lengths(inp.text_lengths, inp.text_tokens, "text_lengths")
+    if inp.empty:
+        return fake_scores(inp.images, inp.texts).zero_()
+    clean, bad_v, bad_t = _finite(inp)
+    out = getattr(get_backend(backend), f"{inp.pooling}_align")(clean)
+    if bad_v is None:
+        return out
+    return out.masked_fill(bad_v[:, None] | bad_t[None, :], float("nan"))
+
+
+def backward(grad: Tensor, inp: AlignInputs, backend: str) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * scores)`` w.r.t. images and texts, NaN rule applied."""
+    if inp.empty:
+        return torch.zeros_like(inp.images), torch.zeros_like(inp.texts)
+    clean, bad_v, bad_t = _finite(inp)
+    gi, gt = getattr(get_backend(backend), f"{inp.pooling}_align_backward")(grad, clean)
+    if bad_v is None:
+        return gi, gt
+    hit = (bad_v[:, None] | bad_t[None, :]) & (grad != 0)
+    return _nan_rows(gi, inp.image_lengths, hit.any(1)), _nan_rows(gt, inp.text_lengths, hit.any(0))
+
+
+def _nan_rows(g: Tensor, lengths: Tensor, items: Tensor) -> Tensor:
+    """``g`` with the valid token rows of ``items`` (``[B]`` bool) set to NaN."""
+    rows = items[:, None] & _valid(lengths, g.shape[1])
+    return g.masked_fill(rows[..., None], float("nan"))
+
+
+def fake_scores(images: Tensor, texts: Tensor) -> Tensor:
+    """The forward's output for shapes only (also the empty result of an empty batch)."""
+    return images.new_empty((images.shape[0], texts.shape[0]), dtype=output_dtype(images.dtype))
+
+
+def register_alignment_op(pooling: str, extra_schema: str) -> Callable[..., Tensor]:
+    """Define ``hatkernels::{pooling}_align`` and its backward op; returns the forward op.
+
+    Arguments: ``(images, texts, image_lengths, text_lengths, direction, reduce,
+    {extra_schema}backend, memory_budget)``, where ``extra_schema`` holds the pooling's own
+    ones (``"float lambda_softmax, "`` for scan). Both ops get a fake implementation for
+    shapes, and autograd is registered on the forward op, so ``torch.compile(fullgraph=True)``
+    traces through ``hier_align`` without graph breaks. (The backward op is not a
+    ``custom_op``: those run below autograd, and the torch backend's backward recomputes
+    blocks under autograd.)
+    """
+    name = f"{pooling}_align"
+    common = "Tensor image_lengths, Tensor text_lengths, str direction, str reduce, "
+    args = f"Tensor images, Tensor texts, {common}{extra_schema}str backend, int memory_budget"
+    lib = torch.library
+
+    def inputs(images, texts, image_lengths, text_lengths, direction, reduce, *rest):
+        *lam, backend, budget = rest
+        lam = float(lam[0]) if lam else 0.0
+        return AlignInputs(images, texts, image_lengths, text_lengths, pooling, direction,
+                           reduce, lam, budget), backend  # fmt: skip
+
+    def forward_impl(*args):
+        return forward(*inputs(*args))
+
+    def backward_impl(grad, *args):
+        inp, backend = inputs(*args)
+        return backward(grad, inp, backend)
+
+    def forward_fake(images, texts, *args):
+        return fake_scores(images, texts)
+
+    def backward_fake(grad, images, texts, *args):
         return torch.empty_like(images), torch.empty_like(texts)
 
-    lib.define(f"hatkernels::{name}", fwd_schema)
+    lib.define(f"hatkernels::{name}", f"({args}) -> Tensor")
     lib.impl(f"hatkernels::{name}", "CompositeExplicitAutograd", forward_impl)
     lib.register_fake(f"hatkernels::{name}", forward_fake)
-    lib.define(f"hatkernels::{name}_backward", bwd_schema)
+    lib.define(f"hatkernels::{name}_backward", f"(Tensor grad, {args}) -> (Tensor, Tensor)")
     lib.impl(f"hatkernels::{name}_backward", "CompositeExplicitAutograd", backward_impl)
     lib.register_fake(f"hatkernels::{name}_backward", backward_fake)
 
@@ -74,16 +151,13 @@ def register_alignment_op(name: str, extra_schema: str, method: str) -> Callable
     backward_op = getattr(torch.ops.hatkernels, f"{name}_backward").default
 
     def setup_context(ctx, inputs, output):
-        images, texts, image_lengths, text_lengths, *rest = inputs
+        images, texts, image_lengths, text_lengths, *settings = inputs
         ctx.save_for_backward(images, texts, image_lengths, text_lengths)
-        ctx.rest = rest
+        ctx.settings = settings
 
-    def backward(ctx, grad):
-        images, texts, image_lengths, text_lengths = ctx.saved_tensors
-        gi, gt = backward_op(
-            grad.contiguous(), images, texts, image_lengths, text_lengths, *ctx.rest
-        )
-        return (gi, gt) + (None,) * (2 + len(ctx.rest))
+    def backward_fn(ctx, grad):
+        gi, gt = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
+        return (gi, gt) + (None,) * (2 + len(ctx.settings))
 
-    lib.register_autograd(f"hatkernels::{name}", backward, setup_context=setup_context)
+    lib.register_autograd(f"hatkernels::{name}", backward_fn, setup_context=setup_context)
     return forward_op

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import max_align, scan_align, scan_backward
-from .utils import interpreting, items_per_tile
+from .common import SCAN_CONFIGS, interpreting, items_per_tile
 
 _INDEX = "*i32"
 # Bytes of shared memory per block on sm_80 / sm_90 (opt-in maximum).
@@ -79,17 +79,17 @@ def _cases(dtype: str):
         types = dict(shape, Bi="i32", v_ptr=x, v_len_ptr=_INDEX, v_norm_ptr="*fp32", t_ptr=x,
                      t_len_ptr=_INDEX, gram_ptr="*fp32", out_ptr="*fp32")
         yield scan_align._scan_i2t_kernel, types, dict(scan, SINGLE=single, ACCUMULATE=False,
-                                                       GROUP=8), scan_align._CONFIGS
+                                                       GROUP=8), SCAN_CONFIGS
         types = dict(shape, Bi="i32", v_ptr=x, v_len_ptr=_INDEX, t_ptr=x, t_len_ptr=_INDEX,
                      t_norm_ptr="*fp32", out_ptr="*fp32")
         yield scan_align._scan_t2i_kernel, types, dict(scan, SINGLE=single, ACCUMULATE=True,
-                                                       GROUP=8), scan_align._CONFIGS
+                                                       GROUP=8), SCAN_CONFIGS
         types = dict(shape, v_ptr=x, v_len_ptr=_INDEX, v_norm_ptr="*fp32", t_ptr=x,
                      t_len_ptr=_INDEX, gram_ptr="*fp32", grad_ptr="*fp32", ds_ptr="*fp32",
                      dvn_ptr="*fp32", dgram_ptr="*fp32", image_base="i32", n_images="i32",
                      images_per_group="i32")
         yield scan_backward._scan_i2t_backward_kernel, types, dict(scan, SINGLE=single), \
-            scan_align._CONFIGS
+            SCAN_CONFIGS
     types = dict(shape, v_ptr=x, v_len_ptr=_INDEX, t_ptr=x, t_len_ptr=_INDEX,
                  t_norm_ptr="*fp32", grad_ptr="*fp32", ds_ptr="*fp32", dtn_ptr="*fp32",
                  dgram_ptr="*fp32", image_base="i32", blocks_per_group="i32")

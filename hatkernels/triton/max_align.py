@@ -28,13 +28,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .utils import (
+from .common import (
     Packed,
     dot_precision,
     items_per_tile,
     mma,
     pack,
     pick_configs,
+    similarities,
+    tile_of,
     tune_on_slice,
 )
 
@@ -59,33 +61,6 @@ _GRAD_CONFIGS = pick_configs(
 )
 
 
-@triton.jit
-def _similarities(a_ptr, a_rows, a_mask, b_ptr, b_rows, b_mask, D,
-                  BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """``[BLOCK_A, BLOCK_B]`` float32 dot products of gathered rows (masked rows are 0)."""
-    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        dmask = dd < D
-        a = tl.load(a_ptr + a_rows[:, None] * D + dd[None, :],
-                    mask=a_mask[:, None] & dmask[None, :], other=0.0)
-        b = tl.load(b_ptr + b_rows[None, :] * D + dd[:, None],
-                    mask=b_mask[None, :] & dmask[:, None], other=0.0)
-        acc = mma(a, b, acc, PRECISION)
-    return acc
-
-
-@triton.jit
-def _tile_of(pid, n_first, n_second, GROUP: tl.constexpr):
-    """Grouped program order (as in tiled GEMMs) so that a wave's tiles share the L2 cache."""
-    per_group = GROUP * n_second
-    group = pid // per_group
-    first0 = group * GROUP
-    size = tl.minimum(n_first - first0, GROUP)
-    return first0 + (pid % per_group) % size, (pid % per_group) // size
-
-
 @triton.autotune(configs=_FWD_CONFIGS, key=["KEY_SIZE", "QUERY_SIZE", "D"],
                  reset_to_zero=["out_ptr"])
 @triton.heuristics({"BLOCK_CQ": lambda a: items_per_tile(a["BLOCK_Q"], a["q_min_len"])})
@@ -101,7 +76,7 @@ def _max_kernel(
 ):
     n_qtiles = tl.cdiv(n_q, BLOCK_Q)
     n_groups = tl.cdiv(k_items, items_per_group)
-    pid_q, pid_g = _tile_of(tl.program_id(0), n_qtiles, n_groups, GROUP)
+    pid_q, pid_g = tile_of(tl.program_id(0), n_qtiles, n_groups, GROUP)
 
     cols = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     cmask = cols < n_q
@@ -133,7 +108,7 @@ def _max_kernel(
         rmask = ridx < r_end
         k_rows = tl.load(k_rows_ptr + ridx, mask=rmask, other=0).to(tl.int64)
         k_item = tl.load(k_seg_ptr + ridx, mask=rmask, other=-1)
-        s = _similarities(k_ptr, k_rows, rmask, q_ptr, q_rows, cmask, D,
+        s = similarities(k_ptr, k_rows, rmask, q_ptr, q_rows, cmask, D,
                           BLOCK_K, BLOCK_Q, BLOCK_D, PRECISION)
         tile_end = tl.minimum(r0 + BLOCK_K, r_end)
         last = tl.load(k_seg_ptr + tile_end - 1)

@@ -14,7 +14,7 @@ norms (applied as ``d|x| x / |x|``).
   with several row tiles one pass accumulates ``sum_r a^2``, a second ``sum_r (dL/db) a`` per
   word and a third forms ``dS``; with one row tile (``SINGLE``) it is one pass in registers.
 - ``t2i`` (``_scan_t2i_backward_kernel``): a program owns one image, all its tokens in one
-  tile (at most ``MAX_T2I_TOKENS``), and a group of caption blocks; the softmax over image
+  tile (at most ``common.MAX_T2I_TOKENS``), and a group of caption blocks; the softmax over image
   tokens and the image Gram ``V_i V_i^T`` then stay in registers.
 """
 
@@ -27,28 +27,28 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .max_align import _similarities
-from .scan_align import (
-    _CONFIGS,
-    _HEURISTICS,
+from .common import (
     EPS,
     LEAKY_SLOPE,
-    _caption_grams,
-    _columns,
-    _grams,
-    _i2t_col_sq,
-    _i2t_tile,
-    _leaky,
-    _norms,
-    _precisions,
+    SCAN_CONFIGS,
+    SCAN_HEURISTICS,
+    caption_grams,
+    columns,
+    expand_words,
+    grams,
+    i2t_col_sq,
+    i2t_tile,
+    leaky,
+    next_pow2,
+    norms,
+    pick_configs,
+    precisions,
+    similarities,
 )
-from .utils import next_pow2, pick_configs
 
 _DS_BYTES = 256 << 20
 _IMAGES_PER_GROUP = 8
 _BLOCKS_PER_GROUP = 8
-# t2i keeps an image's tokens in one tile: up to this many (else the torch backend's path).
-MAX_T2I_TOKENS = 128
 _T2I_CONFIGS = pick_configs(
     [
         triton.Config({"BLOCK_W": 64, "BLOCK_D": 64}, num_warps=4, num_stages=3),
@@ -57,12 +57,6 @@ _T2I_CONFIGS = pick_configs(
     ],
     triton.Config({"BLOCK_W": 32, "BLOCK_D": 16}),
 )
-
-
-@triton.jit
-def _broadcast(x, R: tl.constexpr, BT: tl.constexpr, NP: tl.constexpr):
-    """``[R, BT] -> [R, BT * NP]``: a per-(token, caption) value on each of the caption's words."""
-    return tl.reshape(tl.broadcast_to(x[:, :, None], [R, BT, NP]), [R, BT * NP])
 
 
 @triton.jit
@@ -79,16 +73,16 @@ def _i2t_tile_grads(s, a, alpha, alpha_g, num, c_sq, v_norm, g, rvalid, lam,
     d_vnorm = tl.sum(d_den * c_norm, axis=1)
     safe = tl.where(c_norm > 0, c_norm, 1.0)  # no 0/0 even in the branch not taken
     d_csq = tl.where(c_norm > 0, d_den * v_norm[:, None] / (2.0 * safe), 0.0)
-    d_alpha = _broadcast(d_num, BLOCK_R, BT, NP) * s \
-        + 2.0 * _broadcast(d_csq, BLOCK_R, BT, NP) * alpha_g
+    d_alpha = expand_words(d_num, BLOCK_R, BT, NP) * s \
+        + 2.0 * expand_words(d_csq, BLOCK_R, BT, NP) * alpha_g
     inner = tl.sum(tl.reshape(alpha * d_alpha, [BLOCK_R, BT, NP]), axis=2)
-    d_b = lam * alpha * (d_alpha - _broadcast(inner, BLOCK_R, BT, NP))
+    d_b = lam * alpha * (d_alpha - expand_words(inner, BLOCK_R, BT, NP))
     return d_b, d_num, d_csq, d_vnorm
 
 
-@triton.autotune(configs=_CONFIGS, key=["M", "N", "D"],
+@triton.autotune(configs=SCAN_CONFIGS, key=["M", "N", "D"],
                  restore_value=["dvn_ptr", "dgram_ptr"])
-@triton.heuristics(_HEURISTICS)
+@triton.heuristics(SCAN_HEURISTICS)
 @triton.jit
 def _scan_i2t_backward_kernel(
     v_ptr, v_len_ptr, v_norm_ptr, t_ptr, t_len_ptr, gram_ptr, grad_ptr,
@@ -100,8 +94,8 @@ def _scan_i2t_backward_kernel(
 ):
     W: tl.constexpr = BT * NP
     j0 = tl.program_id(0) * BT
-    j, w, cvalid, t_rows = _columns(t_len_ptr, j0, Bt, N, NP, BT)
-    gram = _caption_grams(gram_ptr, j, w, cvalid, N, NP, BT)
+    j, w, cvalid, t_rows = columns(t_len_ptr, j0, Bt, N, NP, BT)
+    gram = caption_grams(gram_ptr, j, w, cvalid, N, NP, BT)
     jb = j0 + tl.arange(0, BT)
     ds_cols = j.to(tl.int64) * N + w
     d_gram = tl.zeros([W, W], dtype=tl.float32)
@@ -116,12 +110,12 @@ def _scan_i2t_backward_kernel(
         col_sq = tl.zeros([W], dtype=tl.float32)
         col_db_a = tl.zeros([W], dtype=tl.float32)  # sum_r dL/db[r, w] * a[r, w]
         if not SINGLE:
-            col_sq = _i2t_col_sq(v_ptr, v_row0, m_i, t_ptr, t_rows, cvalid, D,
+            col_sq = i2t_col_sq(v_ptr, v_row0, m_i, t_ptr, t_rows, cvalid, D,
                                  BLOCK_R, W, BLOCK_D, PRECISION)
             for r0 in range(0, m_i, BLOCK_R):
                 rows = r0 + tl.arange(0, BLOCK_R)
                 rvalid = rows < m_i
-                s, a, col_sq, alpha, alpha_g, num, c_sq = _i2t_tile(
+                s, a, col_sq, alpha, alpha_g, num, c_sq = i2t_tile(
                     v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
                     SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
                 v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
@@ -131,7 +125,7 @@ def _scan_i2t_backward_kernel(
         for r0 in range(0, m_i, BLOCK_R):
             rows = r0 + tl.arange(0, BLOCK_R)
             rvalid = rows < m_i
-            s, a, col_sq, alpha, alpha_g, num, c_sq = _i2t_tile(
+            s, a, col_sq, alpha, alpha_g, num, c_sq = i2t_tile(
                 v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
                 SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
             v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
@@ -146,12 +140,12 @@ def _scan_i2t_backward_kernel(
             through_norm = tl.where(root > 0, -col_db_a / (norm * norm * safe), 0.0)
             d_a = d_b / norm[None, :] + a * through_norm[None, :]
             d_s = d_a * tl.where(s > 0, 1.0, LEAKY_SLOPE) \
-                + _broadcast(d_num, BLOCK_R, BT, NP) * alpha
+                + expand_words(d_num, BLOCK_R, BT, NP) * alpha
             both = rvalid[:, None] & cvalid[None, :]
             ds_rows = ((i - image_base) * M + rows).to(tl.int64) * (Bt * N)
             tl.store(ds_ptr + ds_rows[:, None] + ds_cols[None, :], d_s, mask=both)
             tl.atomic_add(dvn_ptr + v_row0 + rows, d_vnorm, mask=rvalid)
-            weighted = alpha * _broadcast(d_csq, BLOCK_R, BT, NP)
+            weighted = alpha * expand_words(d_csq, BLOCK_R, BT, NP)
             d_gram += tl.dot(tl.trans(weighted), alpha, input_precision=GRAM_PRECISION)
     cols = tl.arange(0, W)
     same = (cols[:, None] // NP) == (cols[None, :] // NP)
@@ -165,12 +159,12 @@ def _t2i_tile(v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, D, lam,
               PRECISION: tl.constexpr, GRAM_PRECISION: tl.constexpr):
     """A t2i pair block held in one row tile: ``s``, ``a``, attention ``alpha`` over image
     tokens ``[R, W]``, ``G_i alpha``, ``<T_w, c_w>`` and ``|c_w|^2`` ``[W]``."""
-    s = _similarities(v_ptr, v_row0 + rows, rvalid, t_ptr, t_rows, cvalid, D,
+    s = similarities(v_ptr, v_row0 + rows, rvalid, t_ptr, t_rows, cvalid, D,
                       R, BT * NP, BLOCK_D, PRECISION)
-    a = _leaky(s)
+    a = leaky(s)
     a3 = tl.reshape(a, [R, BT, NP])
     norm = tl.sqrt(tl.sum(a3 * a3, axis=2)) + EPS
-    x = tl.where(rvalid[:, None], lam * a / _broadcast(norm, R, BT, NP), float("-inf"))
+    x = tl.where(rvalid[:, None], lam * a / expand_words(norm, R, BT, NP), float("-inf"))
     e = tl.exp(x - tl.max(x, axis=0)[None, :])
     alpha = e / tl.sum(e, axis=0)[None, :]
     num = tl.sum(alpha * s, axis=0)
@@ -197,14 +191,14 @@ def _scan_t2i_backward_kernel(
     v_row0 = i.to(tl.int64) * M
     rows = tl.arange(0, R)
     rvalid = rows < m_i
-    gram = _similarities(v_ptr, v_row0 + rows, rvalid, v_ptr, v_row0 + rows, rvalid, D,
+    gram = similarities(v_ptr, v_row0 + rows, rvalid, v_ptr, v_row0 + rows, rvalid, D,
                          R, R, BLOCK_D, PRECISION)  # G_i = V_i V_i^T
     d_gram = tl.zeros([R, R], dtype=tl.float32)
     ds_rows = (tl.program_id(1) * M + rows).to(tl.int64) * (Bt * N)
     n_blocks = tl.cdiv(Bt, BT)
     first = tl.program_id(0) * blocks_per_group
     for block in range(first, tl.minimum(first + blocks_per_group, n_blocks)):
-        j, w, cvalid, t_rows = _columns(t_len_ptr, block * BT, Bt, N, NP, BT)
+        j, w, cvalid, t_rows = columns(t_len_ptr, block * BT, Bt, N, NP, BT)
         s, a, alpha, gram_alpha, num, c_sq = _t2i_tile(
             v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, D, lam,
             R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
@@ -229,7 +223,7 @@ def _scan_t2i_backward_kernel(
         inner = tl.sum(tl.reshape(d_b * a, [R, BT, NP]), axis=2)
         through = tl.where(root > 0, -inner / (norm * norm * tl.where(root > 0, root, 1.0)),
                            0.0)
-        d_a = d_b / _broadcast(norm, R, BT, NP) + a * _broadcast(through, R, BT, NP)
+        d_a = d_b / expand_words(norm, R, BT, NP) + a * expand_words(through, R, BT, NP)
         d_s = d_a * tl.where(s > 0, 1.0, LEAKY_SLOPE) + d_num[None, :] * alpha
         both = rvalid[:, None] & cvalid[None, :]
         tl.store(ds_ptr + ds_rows[:, None] + (j.to(tl.int64) * N + w)[None, :], d_s, mask=both)
@@ -275,7 +269,7 @@ def _unit(x: Tensor, lengths: Tensor, norms: Tensor) -> Tensor:
 
 
 def _launch_args(images: Tensor, texts: Tensor, reduce: str, lambda_softmax: float) -> dict:
-    precision, gram_precision = _precisions(images.dtype)
+    precision, gram_precision = precisions(images.dtype)
     return dict(IS_MEAN=reduce == "mean", PRECISION=precision, GRAM_PRECISION=gram_precision,
                 NP=next_pow2(texts.shape[1]))
 
@@ -285,8 +279,8 @@ def scan_i2t_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths
                       ) -> tuple[Tensor, Tensor]:
     """float32 gradients of ``sum(grad * scores_i2t)`` w.r.t. images and texts (0 on padding)."""
     (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
-    v_norm = _norms(images, image_lengths)
-    gram = _grams(texts, text_lengths)
+    v_norm = norms(images, image_lengths)
+    gram = grams(texts, text_lengths)
     d_vnorm = torch.zeros(n_images, m, dtype=torch.float32, device=images.device)
     d_gram = torch.zeros_like(gram)
     grad = grad.to(torch.float32).contiguous()
@@ -316,7 +310,7 @@ def scan_t2i_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths
     """float32 gradients of ``sum(grad * scores_t2i)``; images of at most ``MAX_T2I_TOKENS``
     tokens (one row tile per image)."""
     (n_images, m, dim), (n_texts, n, _) = images.shape, texts.shape
-    t_norm = _norms(texts, text_lengths)
+    t_norm = norms(texts, text_lengths)
     d_tnorm = torch.zeros(n_texts, n, dtype=torch.float32, device=images.device)
     d_gram = torch.zeros(n_images, m, m, dtype=torch.float32, device=images.device)
     grad = grad.to(torch.float32).contiguous()
@@ -338,3 +332,20 @@ def scan_t2i_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths
     d_images += 2.0 * torch.bmm(d_gram, _zero_padded(images, image_lengths, torch.float32))
     d_texts += d_tnorm[..., None] * _unit(texts, text_lengths, t_norm)
     return d_images, d_texts
+
+
+def scan_align_backward(grad: Tensor, images: Tensor, texts: Tensor, image_lengths: Tensor,
+                        text_lengths: Tensor, direction: str, reduce: str,
+                        lambda_softmax: float) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * scores)``, exactly 0 on padding, for captions of at most
+    ``MAX_WORDS`` tokens and, with ``t2i``, images of at most ``MAX_T2I_TOKENS`` (the backend
+    reports other shapes as unsupported, so dispatch picks another backend)."""
+    d_images = torch.zeros(images.shape, dtype=torch.float32, device=images.device)
+    d_texts = torch.zeros(texts.shape, dtype=torch.float32, device=texts.device)
+    args = (grad, images, texts, image_lengths, text_lengths, reduce, lambda_softmax)
+    for one, backward in (("i2t", scan_i2t_backward), ("t2i", scan_t2i_backward)):
+        if direction in (one, "both"):
+            gi, gt = backward(*args)
+            d_images += gi
+            d_texts += gt
+    return d_images.to(images.dtype), d_texts.to(texts.dtype)

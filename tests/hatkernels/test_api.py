@@ -28,6 +28,9 @@ def _inputs(bi=3, bt=4, m=5, n=6, d=8):
         (dict(lambda_softmax="9"), TypeError, "lambda_softmax"),
         (dict(lambda_softmax=float("nan")), ValueError, "lambda_softmax"),
         (dict(lambda_softmax=-1.0), ValueError, "lambda_softmax"),
+        (dict(lambda_softmax=1e40), ValueError, "lambda_softmax"),
+        (dict(lambda_softmax=1e4 * (1 + 1e-9)), ValueError, "lambda_softmax"),
+        (dict(image_lengths=torch.tensor([1, 2, 3], device="meta")), ValueError, "image_lengths"),
         (dict(weights=[1.0, 2.0]), ValueError, "weights"),
         (dict(weights="1"), TypeError, "weights"),
         (dict(weights=[float("inf")]), ValueError, "weights"),
@@ -74,10 +77,41 @@ def test_bad_tensors_name_the_argument(images, texts, error, name):
         hier_align(images, texts)
 
 
+@pytest.mark.parametrize("pooling", ["max", "scan"])
 @pytest.mark.parametrize("bi,bt", [(0, 4), (3, 0), (0, 0)])
-def test_empty_batches_give_empty_matrices(bi, bt):
-    out = hier_align(torch.randn(bi, 5, 8), torch.randn(bt, 6, 8))
+def test_empty_batches_behave_like_any_call(bi, bt, pooling):
+    """An empty matrix, connected to the graph (zero gradients), lengths still checked."""
+    v = torch.randn(bi, 5, 8, requires_grad=True)
+    t = torch.randn(bt, 6, 8, requires_grad=True)
+    out = hier_align(v, t, pooling=pooling, text_lengths=torch.full((bt,), 6))
     assert out.shape == (bi, bt) and out.dtype == torch.float32
+    assert out.grad_fn is not None
+    (out.sum() * 2).backward()
+    assert torch.equal(v.grad, torch.zeros_like(v)) and torch.equal(t.grad, torch.zeros_like(t))
+    if bt:  # values are checked where there are some
+        with pytest.raises(ValueError, match="text_lengths"):
+            hier_align(v, t, pooling=pooling, text_lengths=torch.full((bt,), 7))
+    with pytest.raises(ValueError, match="image_lengths"):
+        hier_align(v, t, pooling=pooling, image_lengths=torch.full((bi + 1,), 1))
+
+
+def test_largest_lambda_is_accepted_and_finite():
+    v, t = _inputs()
+    out = hier_align(v, t, pooling="scan", lambda_softmax=1e4, backend="torch")
+    assert torch.isfinite(out).all()
+
+
+def test_lengths_on_another_device_are_moved():
+    """CPU lengths serve tokens on any device; here lengths on the tokens' device and as
+    int32 give the same scores."""
+    v, t = _inputs()
+    lengths = torch.tensor([5, 2, 3])
+    a = hier_align(v, t, image_lengths=lengths, backend="torch")
+    b = hier_align(v, t, image_lengths=lengths.int(), backend="torch")
+    assert torch.equal(a, b)
+    if torch.cuda.is_available():
+        gpu = hier_align(v.cuda(), t.cuda(), image_lengths=lengths, backend="torch")
+        torch.testing.assert_close(gpu.cpu(), a)
 
 
 @pytest.mark.parametrize("pooling", ["max", "scan"])

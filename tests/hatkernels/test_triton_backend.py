@@ -125,13 +125,19 @@ def test_scan_backward_in_chunks_and_groups(monkeypatch):
 
 
 @needs_kernels
-def test_scan_t2i_backward_of_large_images_takes_the_exact_path(monkeypatch):
-    import hatkernels.triton.scan_backward as scan_backward
+def test_scan_t2i_forward_of_large_images_runs_without_gradients(monkeypatch):
+    """The t2i backward's image limit rules triton out only when gradients are needed."""
+    from hatkernels.triton import common
 
-    monkeypatch.setattr(scan_backward, "MAX_T2I_TOKENS", 8)
+    monkeypatch.setattr(common, "MAX_T2I_TOKENS", 8)
     case = _on_device(make_case(19, 3, 4, [(12, 5, 6)]))
-    check_against_reference(case, "triton", torch.float32, pooling="scan", direction="both",
-                            reduce="sum")
+    check_against_reference(case, "triton", torch.float32, grads=False, pooling="scan",
+                            direction="both", reduce="sum")
+    v, t = case.images[0].float().requires_grad_(True), case.texts[0].float()
+    with pytest.raises(ValueError, match="gradients are needed"):
+        hier_align(v, t, image_lengths=case.image_lengths[0],
+                   text_lengths=case.text_lengths[0], pooling="scan", direction="t2i",
+                   backend="triton")
 
 
 @needs_kernels
@@ -148,20 +154,23 @@ def test_max_ties_share_the_gradient(monkeypatch):
 
 
 @needs_kernels
-def test_long_captions_take_the_exact_path():
-    """Captions over MAX_WORDS tokens: scan goes to the torch backend's exact blocked path."""
-    from hatkernels.triton import scan_align
+def test_long_captions_go_to_another_backend():
+    """Captions over MAX_WORDS tokens: forced triton raises with the reason; on a GPU "auto"
+    takes the next backend, exactly."""
+    from hatkernels.triton import common
 
-    n = scan_align.MAX_WORDS + 3
+    n = common.MAX_WORDS + 3
     case = _on_device(make_case(17, 2, 2, [(3, n, 4)]))
-    assert not scan_align.supports(case.texts[0])
-    check_against_reference(case, "triton", torch.float32, pooling="scan", direction="i2t",
-                            reduce="mean")
+    with pytest.raises(ValueError, match=f"captions over {common.MAX_WORDS} tokens"):
+        check_against_reference(case, "triton", torch.float32, pooling="scan")
+    if ON_GPU:
+        check_against_reference(case, "auto", torch.float32, pooling="scan", direction="i2t",
+                                reduce="mean")
 
 
 def test_items_per_tile_bounds_every_layout():
     """The one-hot width of a query tile bounds the items any run of packed tokens touches."""
-    from hatkernels.triton.utils import items_per_tile
+    from hatkernels.triton.common import items_per_tile
 
     gen = torch.Generator().manual_seed(3)
     for block in (1, 2, 3, 16, 64):
@@ -175,11 +184,11 @@ def test_items_per_tile_bounds_every_layout():
 
 
 def test_autotuning_sees_a_slice_of_large_calls_once(monkeypatch):
-    from hatkernels.triton import utils
+    from hatkernels.triton import common
 
-    monkeypatch.setattr(utils, "interpreting", lambda: False)
-    monkeypatch.setattr(utils, "_TUNED", set())
-    monkeypatch.setattr(utils, "TUNE_IMAGES", 2)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
+    monkeypatch.setattr(common, "_TUNED", set())
+    monkeypatch.setattr(common, "TUNE_IMAGES", 2)
     calls = []
 
     def op(images, texts, image_lengths, text_lengths, direction):
@@ -188,25 +197,25 @@ def test_autotuning_sees_a_slice_of_large_calls_once(monkeypatch):
     images, texts = torch.zeros(5, 3, 4), torch.zeros(6, 2, 4)
     lengths = (torch.ones(5, dtype=torch.int64), torch.ones(6, dtype=torch.int64))
     for _ in range(2):
-        utils.tune_on_slice(op, images, texts, *lengths, "i2t")
-    utils.tune_on_slice(op, images, texts, *lengths, "t2i")
-    utils.tune_on_slice(op, images[:2], texts, lengths[0][:2], lengths[1], "both")
+        common.tune_on_slice(op, images, texts, *lengths, "i2t")
+    common.tune_on_slice(op, images, texts, *lengths, "t2i")
+    common.tune_on_slice(op, images[:2], texts, lengths[0][:2], lengths[1], "both")
     assert calls == [(2, 6, 2, "i2t"), (2, 6, 2, "t2i")]
 
 
 def test_tf32_only_when_opted_in(monkeypatch):
-    from hatkernels.triton import utils
+    from hatkernels.triton import common
 
-    monkeypatch.setattr(utils, "interpreting", lambda: False)
+    monkeypatch.setattr(common, "interpreting", lambda: False)
     matmul = torch.backends.cuda.matmul
     before = matmul.fp32_precision
     try:
-        assert utils.dot_precision(torch.float32) == ("tf32" if before == "tf32" else "ieee")
+        assert common.dot_precision(torch.float32) == ("tf32" if before == "tf32" else "ieee")
         matmul.allow_tf32 = False
-        assert utils.dot_precision(torch.float32) == "ieee"
+        assert common.dot_precision(torch.float32) == "ieee"
         matmul.allow_tf32 = True
-        assert utils.dot_precision(torch.float32) == "tf32"
-        assert utils.dot_precision(torch.bfloat16) == "ieee"
+        assert common.dot_precision(torch.float32) == "tf32"
+        assert common.dot_precision(torch.bfloat16) == "ieee"
     finally:
         matmul.fp32_precision = before
 
