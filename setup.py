@@ -3,7 +3,9 @@
 Two extensions, each skipped cleanly when it cannot be built (the package then runs on its
 other backends and `python -m hatkernels.info` says why):
 
-- ``hatkernels._C_cpu``: fused C++ CPU kernels (OpenMP), ``csrc/cpu`` + ``csrc/bindings/cpu.cpp``.
+- ``hatkernels._C_cpu``: fused C++ CPU kernels (OpenMP), ``csrc/cpu`` + ``csrc/bindings/cpu.cpp``;
+  portable: the kernels are built for the x86-64 baseline, AVX2 and AVX-512, and the level is
+  chosen at run time (``HATKERNELS_CPU_ISA`` forces one).
 - ``hatkernels._C_cuda``: CUDA kernels, ``csrc/cuda`` + ``csrc/bindings/cuda.cpp``; built when the
   torch it builds against has CUDA and ``nvcc`` is found.
 
@@ -73,7 +75,10 @@ def _extensions():
 
     debug = _flag("DEBUG")
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx = [*opt, "-std=c++20", "-fopenmp", "-march=native", "-ffp-contract=off"]
+    # No -march: the CPU kernels are compiled once per instruction-set level (csrc/cpu/isa.h)
+    # and the best one the running CPU supports is picked at run time, so the extension
+    # runs on any CPU of the target architecture.
+    cxx = [*opt, "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     extensions = []
     if not _flag("HATKERNELS_SKIP_CPU_BUILD"):
         sources = _sources("csrc/cpu/*.cpp", "csrc/bindings/cpu.cpp")

@@ -1,7 +1,10 @@
-"""``python -m hatkernels.info``: versions, compiled extensions and each backend's status."""
+"""``python -m hatkernels.info``: versions, compiled extensions and each backend's status, the
+CPU kernels' instruction-set level, and the ``HATKERNELS_*`` environment variables set."""
 
 from __future__ import annotations
 
+import importlib
+import os
 import platform
 
 import torch
@@ -31,7 +34,26 @@ def report() -> str:
             status = "available" if not reasons[name] else "no: " + "; ".join(reasons[name])
             lines.append(f"  {name:<7} {status}")
     lines.append(f"\nbackend names: {', '.join(BACKEND_NAMES)}")
+    lines.append(f"cpu kernels: {cpu_isa_report()}")
+    settings = {k: v for k, v in sorted(os.environ.items()) if k.startswith("HATKERNELS_")}
+    lines.append("\nHATKERNELS_* environment variables set:" + ("" if settings else " none"))
+    lines += [f"  {k}={v}" for k, v in settings.items()]
     return "\n".join(lines)
+
+
+def cpu_isa_report() -> str:
+    """The instruction-set level the compiled CPU kernels run at and the levels this CPU
+    supports (the best is the default; ``HATKERNELS_CPU_ISA`` forces one), or why not known."""
+    try:
+        ext = importlib.import_module("hatkernels._C_cpu")
+    except ImportError as exc:
+        return f"not built ({exc})"
+    supported = ", ".join(ext.supported_cpu_isas())
+    try:
+        level = ext.cpu_isa()
+    except ValueError as exc:
+        return f"error: {exc}"
+    return f"instruction set {level} (this CPU supports: {supported})"
 
 
 def main() -> None:

@@ -2,6 +2,10 @@
 // float32, calls the plain launchers of csrc/cpu, and exposes them to Python.
 #include <torch/extension.h>
 
+#include <string>
+#include <vector>
+
+#include "cpu/isa.h"
 #include "cpu/max_align.h"
 #include "cpu/scan_align.h"
 
@@ -89,6 +93,14 @@ std::tuple<torch::Tensor, torch::Tensor> scan_align_backward(
   return {gi.to(images.scalar_type()), gt.to(texts.scalar_type())};
 }
 
+std::string cpu_isa() { return hatkernels::cpu::isa_name(hatkernels::cpu::active_isa()); }
+
+std::vector<std::string> supported_cpu_isas() {
+  std::vector<std::string> out;
+  for (auto isa : hatkernels::cpu::supported_isas()) out.emplace_back(hatkernels::cpu::isa_name(isa));
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -97,4 +109,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_align_backward", &max_align_backward);
   m.def("scan_align_forward", &scan_align_forward);
   m.def("scan_align_backward", &scan_align_backward);
+  m.def("cpu_isa", &cpu_isa,
+        "The instruction-set level the kernels run at: HATKERNELS_CPU_ISA if set, else the best "
+        "this CPU supports (ValueError for a bad HATKERNELS_CPU_ISA).");
+  m.def("supported_cpu_isas", &supported_cpu_isas,
+        "The instruction-set levels this CPU can run, lowest first.");
 }

@@ -1,9 +1,9 @@
 // The similarity GEMM of one tile, C [rows, cols] = V_tile T_tile^T, for the fused CPU max
-// kernel. With AVX-512 (x86-64, -march=native on such a machine) the operands are packed
-// once per call into register-blocked panels and a 12 x 32 micro-kernel computes each tile
-// (no per-tile packing; MKL on this AMD EPYC reached about 0.6 of the FMA peak through
-// sgemm_). Without AVX-512, valid tokens are packed row-major and MKL's sgemm_ (gemm.h)
-// computes the tile.
+// kernel. At the AVX-512 level (isa.h) the operands are packed once per call into
+// register-blocked panels and a 12 x 32 micro-kernel computes each tile (no per-tile packing;
+// MKL on this AMD EPYC reached about 0.6 of the FMA peak through sgemm_). At the other
+// levels, valid tokens are packed row-major and MKL's sgemm_ (gemm.h), which picks its own
+// code for the CPU at run time, computes the tile.
 #pragma once
 #include <algorithm>
 #include <cstdint>
@@ -13,11 +13,7 @@
 
 #include "cpu/gemm.h"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-namespace hatkernels::cpu::max_gemm {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::max_gemm {
 
 struct FreeDeleter {
   void operator()(float* p) const { std::free(p); }
@@ -31,7 +27,7 @@ inline AlignedFloats aligned_floats(int64_t n) {
   return AlignedFloats(p);
 }
 
-#if defined(__AVX512F__)
+#if HATK_CPU_AVX512
 inline constexpr bool kPanels = true;
 #else
 inline constexpr bool kPanels = false;
@@ -84,7 +80,7 @@ inline void pack_col_strips(const Rows& src, int64_t w0, int64_t cols, float* ds
   }
 }
 
-#if defined(__AVX512F__)
+#if HATK_CPU_AVX512
 // c[MR, ncols] = a [d][MR] x b [d][kNR] (ncols <= 16 * NV valid columns stored).
 template <int MR, int NV>
 inline void micro_kernel(const float* __restrict a, const float* __restrict b, int64_t d,
@@ -155,4 +151,4 @@ inline void panel_gemm(const float* a, int64_t rows, const float* b, int64_t col
 }
 #endif
 
-}  // namespace hatkernels::cpu::max_gemm
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_gemm

@@ -1,13 +1,13 @@
 // Pooling loops of the fused CPU max kernel over one similarity tile C [rows, cols] (row-major,
 // leading dimension ldc; rows are image tokens, columns words). Plain loops with `omp simd`
-// so that -O3 -march=native turns them into vector max/blend/FMA instructions.
+// so that -O3 turns them into vector max/blend/FMA instructions of each level (isa.h).
 #pragma once
 #include <cstdint>
 #include <algorithm>
 #include <cstring>
 #include <limits>
 
-namespace hatkernels::cpu::max_pool {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::max_pool {
 
 // q[w] = max over the rows of C[r, w] (one image's rows: every word's best image token).
 inline void column_max(const float* c, int64_t ldc, int64_t rows, int64_t cols, float* q) {
@@ -111,4 +111,4 @@ inline void scatter_word(float* __restrict dt, const float* __restrict t, int64_
   }
 }
 
-}  // namespace hatkernels::cpu::max_pool
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_pool

@@ -1,5 +1,5 @@
 // Shared chores of the fused CPU max-pooling kernel: packing valid tokens, grouping whole
-// items into tiles, checking lengths, keeping the BLAS single-threaded inside our threads.
+// items into tiles, checking lengths.
 #pragma once
 #include <omp.h>
 
@@ -11,11 +11,7 @@
 #include <string>
 #include <vector>
 
-// MKL (statically inside libtorch_cpu) would otherwise decide its own thread count; weak so
-// that a BLAS without it still links and loads.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-namespace hatkernels::cpu::max_tiles {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::max_tiles {
 
 // Where the valid tokens of one side lie: item b's tokens are packed rows [off[b], off[b + 1]).
 struct Packed {
@@ -67,24 +63,9 @@ inline int64_t max_group_rows(const std::vector<int64_t>& g, const std::vector<i
   return most;
 }
 
-// Held by every thread of a parallel region: one BLAS thread per OpenMP thread. Restores the
-// thread's previous setting (0: the global one) on exit, since torch reuses these threads.
-class SingleThreadedBlas {
- public:
-  SingleThreadedBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~SingleThreadedBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
-  }
-  SingleThreadedBlas(const SingleThreadedBlas&) = delete;
-  SingleThreadedBlas& operator=(const SingleThreadedBlas&) = delete;
-
- private:
-  int prev_;
-};
-
 // An uninitialised float buffer for per-thread scratch (reused across tiles).
 inline std::unique_ptr<float[]> scratch(int64_t n) {
   return std::unique_ptr<float[]>(new float[std::max<int64_t>(n, 1)]);
 }
 
-}  // namespace hatkernels::cpu::max_tiles
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_tiles

@@ -18,7 +18,7 @@
 
 #include "cpu/scan_align_simd.h"
 
-namespace hatkernels::cpu::scan {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::scan {
 
 constexpr float kEps = 1e-8f;
 
@@ -202,4 +202,4 @@ inline void pair_backward(float* P, int64_t p, int64_t q, int64_t qp, const floa
   }
 }
 
-}  // namespace hatkernels::cpu::scan
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::scan

@@ -1,19 +1,15 @@
-// 16-float vectors (GCC/Clang vector extensions: one zmm register with AVX-512, split into
-// narrower registers otherwise), an exp accurate to ~1 ulp, and a register-blocked small
-// matrix product for the scan pooling loops (scan_align_pair.h).
+// 16-float vectors (GCC/Clang vector extensions: one zmm register at the AVX-512 level, two
+// ymm registers at AVX2, four xmm registers at the x86-64 baseline), an exp accurate to ~1 ulp,
+// and a register-blocked small matrix product for the scan pooling loops (scan_align_pair.h).
 #pragma once
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
-
-// Without AVX-512, GCC notes (at the end of the file that includes this) that 64-byte vector
+// Below AVX-512, GCC notes (at the end of the file that includes this) that 64-byte vector
 // returns change the ABI; these functions are all inline, so no ABI is crossed.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
-namespace hatkernels::cpu::scan {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::scan {
 
 constexpr int64_t kLanes = 16;  // floats per vector; buffers are padded to and aligned on it
 
@@ -32,9 +28,18 @@ inline V16 load(const float* p) {
 
 inline void store(float* p, V16 v) { std::memcpy(p, &v, sizeof(V16)); }
 
+// a * b + c, fused (one rounding) where the level has FMA instructions.
 inline V16 fmadd(V16 a, V16 b, V16 c) {
-#if defined(__AVX512F__)
+#if HATK_CPU_AVX512
   return _mm512_fmadd_ps(a, b, c);
+#elif HATK_CPU_AVX2
+  const __m256 lo = _mm256_fmadd_ps(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    __builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    __builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 hi = _mm256_fmadd_ps(__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    __builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+                                    __builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
   return a * b + c;
 #endif
@@ -142,4 +147,4 @@ inline void small_gemm(int64_t rows, int64_t width, const float* a, int64_t a_i,
   }
 }
 
-}  // namespace hatkernels::cpu::scan
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::scan

@@ -24,8 +24,6 @@
 // against every group of the other side, whose gradient rows go to per-thread partials
 // summed after one barrier (steps of several barriers only when threads x partial rows
 // exceed kPartialBudget). Tiles whose output-gradient block is all zero are skipped.
-#include "cpu/max_align.h"
-
 #include <omp.h>
 
 #include <algorithm>
@@ -37,7 +35,7 @@
 #include "cpu/max_align_pool.h"
 #include "cpu/max_align_tiles.h"
 
-namespace hatkernels::cpu {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel {
 
 namespace {
 
@@ -132,7 +130,7 @@ Tile tile_of(const Plan& plan, int64_t a, int64_t b) {
 void similarities(const Plan& plan, const Tile& t, int64_t d, float* c) {
   const float* a = plan.a.get() + t.r0 * d;
   const float* b = plan.b.get() + plan.b_start[t.b];
-#if defined(__AVX512F__)
+#if HATK_CPU_AVX512
   max_gemm::panel_gemm(a, t.rows, b, t.cols, d, c, t.cols);
 #else
   gemm_nt(t.rows, t.cols, d, a, d, b, d, c, t.cols);
@@ -301,7 +299,7 @@ void forward(const Problem& p, bool transposed, float* out) {
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
 #pragma omp parallel
   {
-    const max_tiles::SingleThreadedBlas one_blas_thread;
+    const SingleThreadedBlas one_blas_thread;
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     auto q = max_tiles::scratch(plan.max_cols);
     auto acc = max_tiles::scratch(plan.max_caps);
@@ -357,7 +355,7 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   std::vector<float*> partials(n_threads_max, nullptr);
 #pragma omp parallel
   {
-    const max_tiles::SingleThreadedBlas one_blas_thread;
+    const SingleThreadedBlas one_blas_thread;
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     const int64_t per_tile = std::max<int64_t>(plan.max_imgs * plan.max_cols, 1);
     auto best = max_tiles::scratch(per_tile);
@@ -421,4 +419,4 @@ void max_align_backward(const Problem& p, const float* grad_out, float* grad_ima
     backward(p, false, grad_out, grad_images, grad_texts);
 }
 
-}  // namespace hatkernels::cpu
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel

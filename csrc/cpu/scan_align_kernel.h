@@ -18,8 +18,6 @@
 // dT = dS^T V), plus the norm terms (a scale of each token) and the Gram terms (2 dG X per
 // attended item). Each tile's gradient rows are added under a lock of its image block and
 // of its caption block; gradients are zero on padding.
-#include "cpu/scan_align.h"
-
 #include <omp.h>
 
 #include <algorithm>
@@ -35,11 +33,7 @@
 #include "cpu/gemm.h"
 #include "cpu/scan_align_pair.h"
 
-// MKL's per-thread thread count (C interface, exported by libtorch_cpu; the lower-case
-// symbol is the Fortran one, which takes a pointer); weak so that another BLAS links.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-
-namespace hatkernels::cpu {
+namespace hatkernels::cpu::HATK_CPU_LEVEL::scan_kernel {
 namespace {
 
 using scan::Attended;
@@ -69,18 +63,6 @@ class Buffer {
 
  private:
   std::unique_ptr<float, FreeDeleter> data_;
-};
-
-// MKL on one thread in this OpenMP thread (for its lifetime): the tiles are the parallelism.
-class MklSingleThread {
- public:
-  MklSingleThread() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
-  ~MklSingleThread() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
-  }
-
- private:
-  int prev_;
 };
 
 // One side's valid tokens, packed, with norms and (optionally) per-item Gram matrices.
@@ -154,7 +136,7 @@ void add_grams(Side& s) {
   const float* tok = s.tokens.get();
 #pragma omp parallel
   {
-    const MklSingleThread single;
+    const SingleThreadedBlas one_blas_thread;
 #pragma omp for schedule(dynamic, 16)
     for (int64_t k = 0; k < s.count; ++k) {
       if (s.gram_off[k] < 0) continue;
@@ -422,7 +404,7 @@ void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
   const int threads = static_cast<int>(ws.size());
 #pragma omp parallel num_threads(threads)
   {
-    const MklSingleThread single;
+    const SingleThreadedBlas one_blas_thread;
     const Workspace& w = ws[omp_get_thread_num()];
     const PairScratch scratch = w.scratch();
 #pragma omp for schedule(dynamic, 1)
@@ -468,7 +450,7 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
   std::vector<std::mutex> img_locks(pl.n_img_blocks), txt_locks(pl.txt_blocks.size());
 #pragma omp parallel num_threads(threads)
   {
-    const MklSingleThread single;
+    const SingleThreadedBlas one_blas_thread;
     const Workspace& w = ws[omp_get_thread_num()];
     const PairScratch scratch = w.scratch();
 #pragma omp for schedule(dynamic, 1)
@@ -483,4 +465,4 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
   }
 }
 
-}  // namespace hatkernels::cpu
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::scan_kernel

@@ -1,0 +1,106 @@
+// Run-time choice of the kernels' instruction-set level (isa.h) and the public launchers,
+// which run the chosen level. Compiled for the baseline only.
+#include "cpu/isa.h"
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+
+#include "cpu/max_align.h"
+#include "cpu/scan_align.h"
+
+namespace hatkernels::cpu {
+
+namespace {
+
+constexpr const char* kEnv = "HATKERNELS_CPU_ISA";
+constexpr Isa kLevels[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512};
+
+bool cpu_runs(Isa isa) {
+  if (isa == Isa::kScalar) return true;
+#if HATK_CPU_X86
+  // libgcc's checks include the operating system's support (XCR0) for the wider registers.
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (isa == Isa::kAvx2) return avx2;
+  return avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+std::string names(const std::vector<Isa>& levels) {
+  std::string out;
+  for (Isa isa : levels) out += (out.empty() ? "" : ", ") + std::string(isa_name(isa));
+  return out;
+}
+
+const Kernels& kernels() {
+  switch (active_isa()) {
+#if HATK_CPU_X86
+    case Isa::kAvx512:
+      return avx512::kKernels;
+    case Isa::kAvx2:
+      return avx2::kKernels;
+#endif
+    default:
+      return scalar::kKernels;
+  }
+}
+
+}  // namespace
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512:
+      return "avx512";
+    case Isa::kAvx2:
+      return "avx2";
+    default:
+      return "scalar";
+  }
+}
+
+std::vector<Isa> supported_isas() {
+  std::vector<Isa> out;
+  for (Isa isa : kLevels)
+    if (cpu_runs(isa)) out.push_back(isa);
+  return out;
+}
+
+Isa active_isa() {
+  const std::vector<Isa> supported = supported_isas();
+  const char* env = std::getenv(kEnv);
+  const std::string wanted = env ? env : "";
+  if (wanted.empty() || wanted == "auto") return supported.back();
+  for (Isa isa : kLevels) {
+    if (wanted != isa_name(isa)) continue;
+    if (!cpu_runs(isa)) {
+      throw std::invalid_argument(std::string(kEnv) + ": '" + wanted +
+                                  "' is not supported by this CPU (it runs: " +
+                                  names(supported) + ")");
+    }
+    return isa;
+  }
+  throw std::invalid_argument(std::string(kEnv) + ": expected one of auto, " +
+                              names({kLevels, kLevels + 3}) + ", got '" + wanted + "'");
+}
+
+void max_align_forward(const Problem& p, float* out) { kernels().max_forward(p, out); }
+
+void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
+                        float* grad_texts) {
+  kernels().max_backward(p, grad_out, grad_images, grad_texts);
+}
+
+void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
+  kernels().scan_forward(p, lambda_softmax, out);
+}
+
+void scan_align_backward(const Problem& p, float lambda_softmax, const float* grad_out,
+                         float* grad_images, float* grad_texts) {
+  kernels().scan_backward(p, lambda_softmax, grad_out, grad_images, grad_texts);
+}
+
+}  // namespace hatkernels::cpu
