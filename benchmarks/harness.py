@@ -43,6 +43,7 @@ from workloads import (
 import hatkernels
 from hatkernels.backends import BACKENDS
 from hatkernels.dispatch import not_supported_reasons
+from hatkernels.info import cpu_isa_report
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS: list[dict] = []  # every row measured in this session, written at its end
@@ -296,7 +297,8 @@ def _git(*args: str) -> str:
 
 def machine_info() -> dict:
     """CPU model and ISA, cores, torch/python versions, git commit and the files of the code
-    under test that differ from it, when the cpu extension was built, date, load."""
+    under test that differ from it, when the cpu extension was built and the instruction set
+    its kernels run at, date, load."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
                   if ln.startswith("model name")), platform.processor())
@@ -314,6 +316,7 @@ def machine_info() -> dict:
         "commit": _git("rev-parse", "--short", "HEAD"),
         "uncommitted": ", ".join(changed) or "none",
         "cpu_extension_built": built.strftime("%Y-%m-%d %H:%M UTC") if built else "not built",
+        "cpu_kernels": cpu_isa_report(),
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
