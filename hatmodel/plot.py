@@ -1,9 +1,12 @@
-"""Training curves (loss, validation rsum, score spread per epoch) as a PNG."""
+"""Training curves (loss, validation rsum, score spread per epoch) as a PNG, written
+atomically like every file of a run folder."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import write_file
 
 
 def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
@@ -21,5 +24,5 @@ def plot_history(history: list[dict[str, Any]], path: str | Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)

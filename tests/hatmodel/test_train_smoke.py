@@ -67,8 +67,12 @@ def test_cli_run_writes_everything_and_evaluate_reproduces_it(tmp_path):
     metrics = train_cli.main(["--config", "hat_tiny", "--output-dir", str(out), "--no-progress",
                               "--seed", "1"])
     for name in ("out.log", "config.yaml", "history.json", "curves.png", "metrics.json",
-                 "best.safetensors", "last.safetensors", "last_state.pt"):
+                 "best.safetensors", "last.safetensors", "checkpoints/latest.json",
+                 "checkpoints/epoch_0001/state.json", "checkpoints/epoch_0001/manifest.json"):
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch_0001",
+                                                                      "latest.json"]
+    assert (out / "last.safetensors").samefile(out / "checkpoints/epoch_0001/last.safetensors")
     saved = json.loads((out / "metrics.json").read_text())
     assert set(saved) == set(METRIC_KEYS) and saved == pytest.approx(metrics)
     history = json.loads((out / "history.json").read_text())
@@ -86,7 +90,7 @@ def test_cli_run_writes_everything_and_evaluate_reproduces_it(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     again = evaluate_cli.main([str(out), "--no-progress", "--out", str(tmp_path / "m.json")])
     assert again == pytest.approx(metrics)
-    assert not list(out.glob("*.tmp"))
+    assert not list(out.rglob("*.tmp"))
 
 
 class Killed(Exception):
@@ -117,6 +121,15 @@ def test_resume_after_a_kill_ends_exactly_like_an_uninterrupted_run(tmp_path):
     assert ha[0]["frozen"] and not ha[1]["frozen"]
 
 
-def test_resume_without_a_run_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="resume"):
-        train_cli.train(load_config("hat_tiny"), tmp_path, resume=True, progress=False)
+def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path):
+    """A run killed during its first epoch has nothing to resume: --resume (as torchrun's
+    restarts pass it) trains from the start, says so, and ends like a fresh run."""
+    cfg = load_config("hat_tiny", ["train.epochs=1"])
+    fresh = train_cli.train(cfg, tmp_path / "fresh", progress=False)
+    (tmp_path / "killed" / "checkpoints" / "epoch_0000").mkdir(parents=True)  # half-written
+    (tmp_path / "killed" / ".last.safetensors.123.tmp").write_bytes(b"")
+    resumed = train_cli.train(cfg, tmp_path / "killed", resume=True, progress=False)
+    assert resumed == fresh
+    assert "no complete checkpoint yet: starting from the beginning" in \
+        (tmp_path / "killed" / "out.log").read_text()
+    assert not list((tmp_path / "killed").rglob("*.tmp"))
