@@ -1,6 +1,7 @@
-"""``pytest benchmarks/``: a smoke run in seconds (tiny shapes, every backend once, results
-checked against the torch backend). ``pytest benchmarks/ --benchmark``: the full run (SPEC 5
-workloads W1/W2 and a shape sweep, interleaved rounds) that writes ``benchmarks/results/``."""
+"""``pytest benchmarks/``: a smoke run in seconds (tiny shapes, every contender once, results
+checked against the float64 reference). ``pytest benchmarks/ --benchmark``: the full run (the
+named workloads W1 and W2 and a shape sweep, interleaved rounds) that writes
+``benchmarks/results/``."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ memory in a fresh process, and the result tables.
 Timings on a shared machine swing 2x within minutes, so every ratio is taken between two
 timings of the same round, over several rounds whose contender order rotates, and reported
 as the median and range. Run as a script, this module is the child process of the peak-memory
-check (``python harness.py SPEC_JSON``).
+check (``python harness.py CASE_JSON``).
 """
 
 from __future__ import annotations
@@ -237,8 +237,8 @@ def bench_memory(cfg: Config, case: Case, w: Workload) -> None:
         skipped.update({n: "not run on W2 (minutes per call); the check is for the cpu backend"
                         for n in backends if n == "torch"})
         backends = [n for n in backends if n != "torch"]
-    spec = dict(asdict(case), workload=w.name, backends=backends)
-    cmd = [sys.executable, str(Path(__file__)), json.dumps(spec)]
+    job = dict(asdict(case), workload=w.name, backends=backends)
+    cmd = [sys.executable, str(Path(__file__)), json.dumps(job)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"peak-memory child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -282,12 +282,12 @@ def _peak_child(x: Inputs, case: Case, backend: str) -> dict:
             "gflops": x.valid_flops() / 1e9 / seconds}
 
 
-def _memory_child(spec: dict) -> list[dict]:
+def _memory_child(job: dict) -> list[dict]:
     """The peak-memory child process: one workload, one case, each backend in turn."""
     workloads = {w.name: w for w in (W1, W2, TINY, TINY_MEMORY, *SWEEP)}
-    case = Case(spec["pooling"], spec["direction"], spec["reduce"], spec["lambda_softmax"])
-    x = make_inputs(workloads[spec["workload"]])
-    return [_peak_child(x, case, name) for name in spec["backends"]]
+    case = Case(job["pooling"], job["direction"], job["reduce"], job["lambda_softmax"])
+    x = make_inputs(workloads[job["workload"]])
+    return [_peak_child(x, case, name) for name in job["backends"]]
 
 
 def _git(*args: str) -> str:

@@ -1,4 +1,4 @@
-"""Max pooling (max_align, t2i mean, SPEC 5 W1/W2): rates, ratios and peak memory."""
+"""Max pooling (max_align, t2i mean, workloads W1 and W2): rates, ratios and peak memory."""
 
 import pytest
 from harness import bench_memory, bench_timing

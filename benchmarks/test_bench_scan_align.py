@@ -1,4 +1,5 @@
-"""Scan pooling (scan_align, i2t mean, lambda 9, SPEC 5 W1/W2): rates, ratios and peak memory."""
+"""Scan pooling (scan_align, i2t mean, lambda 9, workloads W1 and W2): rates, ratios and peak
+memory."""
 
 import pytest
 from harness import bench_memory, bench_timing

@@ -1,5 +1,6 @@
-"""What the benchmarks run: the named workloads of SPEC section 5, their inputs, and the
-contenders (each backend through ``hier_align``, the naive PyTorch way, the packed GEMM).
+"""What the benchmarks run: the named workloads (W1: a training batch against its gallery;
+W2: a whole test split at small D), their inputs, and the contenders (each backend through
+``hier_align``, the naive PyTorch way, the packed GEMM).
 
 Every contender is timed on a prefix slice of the workload (its first ``a`` images and first
 ``b`` captions) and scored by its effective rate on valid-token FLOPs
@@ -22,7 +23,7 @@ from hatkernels.reference import naive_align
 
 @dataclass(frozen=True)
 class Case:
-    """One operator setting (SPEC 1)."""
+    """One operator setting: pooling, direction, reduction, scan's inverse temperature."""
 
     pooling: str
     direction: str
@@ -139,7 +140,8 @@ def _tokens(gen: torch.Generator, batch: int, size: int, dim: int, lengths: tupl
 
 
 def make_inputs(w: Workload, seed: int = 0) -> Inputs:
-    """L2-normalised random tokens (SPEC 5), NaN in every padded position."""
+    """L2-normalised random tokens (the kernels' speed does not depend on the values), NaN in
+    every padded position."""
     gen = torch.Generator().manual_seed(seed)
     images, il = _tokens(gen, w.n_images, w.m, w.dim, w.image_len)
     texts, tl = _tokens(gen, w.n_texts, w.n, w.dim, w.text_len)
