@@ -92,9 +92,8 @@ def alignment(model: RetrievalModel, tokenizer, images: Tensor, caption: str,
         txt = model.encode_texts(ids, mask)
         score = float(model.score(img, txt)[0, 0])
     levels = len(img.levels)
-    if not -levels <= level < levels:
-        raise ValueError(f"level: the model has {levels} levels, got {level}")
-    level %= levels
+    if not 0 <= level < levels:
+        raise ValueError(f"level: expected 0 (the finest) to {levels - 1}, got {level}")
     # TERAN's tokens are already L2-normalised; HAT's are not, so show their cosine.
     sims = _matrix(img, txt, level, cosine=not is_teran)
     words = token_strings(tokenizer, ids[0, : int(mask[0].sum())])
@@ -173,10 +172,14 @@ def draw(result: dict[str, Any], picture: Image.Image, out: str | Path | BinaryI
 def visualize(checkpoint: str | Path, image: str | int = 0, caption: str | None = None,
               out: str | Path = "alignment.png", split: str = "test", level: int = 0,
               overrides: list[str] | None = None) -> Path:
-    """Load ``checkpoint`` and write the alignment picture of (``image``, ``caption``)."""
+    """Load ``checkpoint`` and write the alignment picture of (``image``, ``caption``) to
+    ``out`` (a ``.png`` file, or a folder: ``alignment.png`` in it); returns the file written."""
     from .checkpoint import load_for_eval
     from .data import build_dataset, build_tokenizer
 
+    out = output_file(out)
+    if level < 0:
+        raise ValueError(f"level: expected 0 (the finest) or above, got {level}")
     model, cfg, _ = load_for_eval(checkpoint, overrides)
     model.to("cpu")
     tokenizer = build_tokenizer(cfg)
@@ -192,6 +195,17 @@ def visualize(checkpoint: str | Path, image: str | int = 0, caption: str | None 
     tensor, picture, boxes = pair_inputs(model, cfg, dataset, image)
     result = alignment(model, tokenizer, tensor, caption, level)
     return draw(result, picture, out, boxes, caption)
+
+
+def output_file(out: str | Path) -> Path:
+    """The PNG file that ``out`` names: itself when it ends in ``.png``, ``alignment.png``
+    inside it when it is a folder (existing, or written with a trailing separator)."""
+    text, out = str(out), Path(out)
+    if out.is_dir() or text.endswith(("/", "\\")):
+        return out / "alignment.png"
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"out: expected a .png file or a folder, got {text!r}")
+    return out
 
 
 def pair_inputs(model: RetrievalModel, cfg: dict[str, Any], dataset, image: str | int
@@ -227,7 +241,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--split", choices=("train", "val", "test"), default="test")
     p.add_argument("--level", type=int, default=0,
                    help="HAT: which level's patch grid (0 = finest); default %(default)s")
-    p.add_argument("--out", default="alignment.png", help="PNG path; default %(default)s")
+    p.add_argument("--out", default="alignment.png",
+                   help="a .png file, or a folder (alignment.png in it); default %(default)s")
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = p.parse_intermixed_args(argv)
     out = visualize(args.checkpoint, args.image, args.caption, args.out, args.split,

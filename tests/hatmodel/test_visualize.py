@@ -73,3 +73,22 @@ def test_hat_picture_from_index_and_file(tmp_path):
     _is_png(out)
     with pytest.raises(ValueError, match="caption"):
         main([str(folder), "--image", str(picture), "--out", str(tmp_path / "y.png")])
+
+
+def test_out_folder_level_and_bad_arguments(tmp_path):
+    folder, *_ = _checkpoint(tmp_path, "hat_scenes", SCENES)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    # A folder gets alignment.png inside it, and the path printed is the one written.
+    out = main([str(folder), "--image", "1", "--out", str(pictures), *SCENES])
+    assert out == pictures / "alignment.png" and sorted(pictures.iterdir()) == [out]
+    _is_png(out)
+    out = main([str(folder), "--image", "1", "--out", str(tmp_path / "new") + "/", *SCENES])
+    assert out == tmp_path / "new" / "alignment.png"
+    _is_png(out)
+    for bad, needle in ((["--out", str(tmp_path / "x.jpg")], "out: expected a .png"),
+                        (["--level", "-1"], "level: expected 0"),
+                        (["--level", "3"], "level: expected 0 .* to 2, got 3")):
+        with pytest.raises(ValueError, match=needle):
+            main([str(folder), "--image", "1", *bad, *SCENES])
+    assert not (tmp_path / "x.jpg").exists()
