@@ -61,6 +61,17 @@ def _check_shapes(levels: object, name: str) -> list[tuple[int, int]]:
     return out
 
 
+def temporary_folder(dest: Path) -> Path:
+    """A new hidden folder beside ``dest`` (same file system, so it can be renamed to
+    ``dest``), with the permissions of an ordinary new folder (not ``mkdtemp``'s 0700)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -94,8 +105,7 @@ class TokenStoreWriter:
         self.fingerprint = fingerprint
         self.shard_size = shard_size
         self.overwrite = overwrite
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.tmp-"))
+        self._tmp = temporary_folder(self.path)
         self._pending: list[tuple[list[Tensor], list[Tensor], list[Id]]] = []
         self._pending_count = 0
         self._shards: list[dict] = []
@@ -167,6 +177,7 @@ class TokenStoreWriter:
         name = f"shard-{len(self._shards):05d}.safetensors"
         file = self._tmp / name
         save_file(tensors, str(file), metadata={"format": FORMAT, "ids": json.dumps(ids[:count])})
+        os.chmod(file, os.stat(self._tmp).st_mode & 0o666)
         self._shards.append({"file": name, "count": count, "bytes": file.stat().st_size})
         self._count += count
         rest = self._pending_count - count
