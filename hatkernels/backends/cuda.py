@@ -4,8 +4,9 @@ missing or cannot serve the call; ``backend="cuda"`` or ``HATKERNELS_BACKEND=cud
 
 Kernels: one CTA per block of whole images x whole captions, similarities 64 x 64 at a time
 (tensor-core WMMA with float32 accumulation for float16/bfloat16, exact float32 FMA for
-float32), pooled in shared memory; scan pooling uses the Gram identity (SPEC 6). Backward
-passes recompute the similarities and add into float32 gradients with atomics. Needs sm_80+.
+float32), pooled in shared memory; scan pooling uses the Gram identity (docs/operators.md).
+Backward passes recompute the similarities and add into float32 gradients with atomics.
+Needs sm_80+.
 """
 
 from __future__ import annotations

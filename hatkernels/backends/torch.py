@@ -1,6 +1,6 @@
 """The ``torch`` backend: exact, pure PyTorch, any device, memory-bounded, readable.
 
-Not naive (SPEC section 6):
+Not naive:
 
 - max pooling packs the query side's valid tokens (``[sum n, D]`` words for ``t2i``,
   ``[sum m, D]`` image tokens for ``i2t``) and runs one GEMM per block of whole images x whole

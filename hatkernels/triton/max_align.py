@@ -1,4 +1,4 @@
-"""Max pooling (SPEC 1.1) as fused Triton kernels, forward and backward.
+"""Max pooling as fused Triton kernels, forward and backward.
 
 One direction is a *query* side (the tokens that each take their best match: words for
 ``t2i``, image tokens for ``i2t``) and a *key* side (the other one). Both sides are packed
@@ -302,7 +302,7 @@ def _tied_grads(query: Packed, key: Packed, grad: Tensor, stride_gk: int, stride
     """Gradient of tied maxima, shared evenly among the tied key tokens (as ``torch.amax``
     does, and the other backends): the kernels skip the (key item, query token) entries that
     the winners kernel marked -1; here they are recomputed in float32 with torch. Ties are
-    measure-zero for real data (SPEC 1.1), so this is the rare path."""
+    measure-zero for real data, so this is the rare path."""
     dim, size = query.x.shape[2], key.size
     q_flat, dq_flat, dk_flat = query.x.view(-1, dim), d_query.view(-1, dim), d_key.view(-1, dim)
     for e0 in range(0, tied.shape[0], max(1, per_step // size)):

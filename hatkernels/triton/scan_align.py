@@ -1,4 +1,4 @@
-"""HAT's scan pooling (SPEC 1.2) as fused Triton kernels.
+"""HAT's scan pooling as fused Triton kernels.
 
 A program owns one image ``i`` and a block of ``BT`` captions, laid out as ``BT * NP`` columns
 (``NP``: the caption size rounded up to a power of two, so that per-caption reductions are
