@@ -278,8 +278,8 @@ def _committed_folder(out_dir: Path) -> Path | None:
         return None
     entry = read_json(pointer, "resume")
     folder = entry.get("folder") if isinstance(entry, dict) else None
-    if entry.get("format") != FORMAT or not isinstance(folder, str) \
-            or not _EPOCH_DIR.fullmatch(folder):
+    if not isinstance(folder, str) or not _EPOCH_DIR.fullmatch(folder) \
+            or entry.get("format") != FORMAT or not isinstance(entry.get("epoch"), int):
         raise ValueError(f"resume: {pointer} is not a hatmodel checkpoint pointer "
                          f"(expected format {FORMAT!r} and an epoch folder)")
     return pointer.parent / folder
@@ -361,6 +361,12 @@ def find_checkpoint(out_dir: str | Path) -> Checkpoint | None:
                 or _sha256(path) != entry.get("sha256"):
             raise ValueError(f"resume: {path} does not match its size and SHA-256 in "
                              f"{manifest_path} (modified or corrupted)")
+    for name in ("last.safetensors", "best.safetensors"):
+        _, epoch = read_metadata(folder / name)
+        if epoch > pointer.get("epoch", -1) or (name == "last.safetensors"
+                                                and epoch != pointer.get("epoch")):
+            raise ValueError(f"resume: {folder / name} holds the weights of epoch {epoch}, "
+                             f"not those of epoch {pointer.get('epoch')} or before")
     state = read_json(folder / "state.json", "resume")
     needed = ("epoch", "best_rsum", "history", "config", "optimizer", "scheduler", "scaler",
               "rng")
