@@ -7,12 +7,14 @@ any :class:`~hatmodel.models.RetrievalModel` from the factory trains with any lo
 :mod:`hatmodel.losses`.
 
 The output folder gets ``out.log``, ``config.yaml``, ``history.json``, ``curves.png``,
-``best.safetensors`` / ``last.safetensors`` / ``last_state.pt`` (see
-:mod:`hatmodel.checkpoint`) and ``metrics.json`` (test metrics of the best checkpoint).
-``--resume`` continues from ``last_state.pt`` at the epoch boundary where it was written, with
-the same optimizer, scheduler and RNG states, so an interrupted run ends exactly where an
-uninterrupted one does (CPU, fixed seed). ``train.time_limit_s`` (0: none) is a safety net for
-slow machines: training stops early when it is reached, then the test evaluation runs.
+``best.safetensors`` / ``last.safetensors``, the epoch checkpoints in ``checkpoints/`` (see
+:mod:`hatmodel.checkpoint`: each epoch commits atomically as a whole) and ``metrics.json``
+(test metrics of the best checkpoint). ``--resume`` continues from the last committed epoch
+with the same weights, optimizer, scheduler and RNG states, so an interrupted run ends exactly
+where an uninterrupted one does (CPU, fixed seed); with no committed epoch yet it starts from
+the beginning. A run without ``--resume`` in an earlier run's folder replaces that run.
+``train.time_limit_s`` (0: none) is a safety net for slow machines: training stops early when
+it is reached, then the test evaluation runs.
 """
 
 from __future__ import annotations
@@ -33,7 +35,14 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
-from .config import DEFAULT_CONFIG, config_path, load_config
+from .config import (
+    DEFAULT_CONFIG,
+    config_path,
+    load_config,
+    merge_config,
+    resume_differences,
+    validate_config,
+)
 from .data import Batch, build_dataset, build_tokenizer, epoch_pairs, train_loader
 from .evaluate import evaluate_model, format_metrics, protocol_folds
 from .losses import build_loss, score_spread
@@ -101,6 +110,8 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
     raise from it to simulate a killed run). Returns the test metrics.
     """
     out_dir = Path(out_dir)
+    cfg = validate_config(cfg, check_paths=True)
+    checkpoint = _checkpoint_to_resume(cfg, out_dir) if resume else None
     out_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(out_dir)
     t = cfg["train"]
@@ -108,7 +119,12 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
         torch.set_num_threads(int(t["threads"]))
     device = pick_device(t["device"])
     seed_everything(int(cfg["seed"]))
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    removed = [] if resume else ckpt.discard(out_dir)
+    if removed:
+        log.warning("%s held an earlier run: removed its %s (pass --resume to continue a "
+                    "run)", out_dir, ", ".join(removed))
+    ckpt.tidy(out_dir)
+    ckpt.write_text(out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     start = time.time()
     tokenizer = build_tokenizer(cfg)
@@ -128,19 +144,15 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
              steps_per_epoch, device)
 
     first_epoch, history, best_rsum = 0, [], -1.0
-    if resume:
-        state = ckpt.load_state(out_dir / "last_state.pt")
-        _, weights_epoch = ckpt.read_metadata(out_dir / "last.safetensors")
-        if weights_epoch != state["epoch"]:
-            raise ValueError(f"resume: last.safetensors (epoch {weights_epoch}) and "
-                             f"last_state.pt (epoch {state['epoch']}) disagree")
-        ckpt.load_weights(out_dir / "last.safetensors", model)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_states(state["rng"])
-        first_epoch, history, best_rsum = state["epoch"] + 1, state["history"], state["best_rsum"]
-        log.info("resumed after epoch %d (step %d)", state["epoch"], scheduler.last_epoch)
+    if checkpoint is not None:
+        ckpt.restore(checkpoint, model, optimizer, scheduler, scaler)
+        first_epoch = checkpoint.epoch + 1
+        history, best_rsum = checkpoint.state["history"], float(checkpoint.state["best_rsum"])
+        log.info("resumed after epoch %d (step %d) from %s", checkpoint.epoch,
+                 scheduler.last_epoch, checkpoint.folder)
+    elif resume:
+        log.info("resume: %s holds no complete checkpoint yet: starting from the beginning",
+                 out_dir)
 
     val_count = int(cfg["eval"]["val_images"]) or val_set.n_images
     deadline = start + float(t["time_limit_s"]) if t["time_limit_s"] else math.inf
@@ -157,16 +169,11 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
         log.info("epoch %d: loss %.4f  spread %.4f  lr %.2e  val %s  (%.0f s)", epoch,
                  record["loss"], record["spread"], record["lr"], format_metrics(val),
                  record["elapsed_s"])
-        if val["rsum"] > best_rsum:
-            best_rsum = val["rsum"]
-            ckpt.save_weights(out_dir / "best.safetensors", model, cfg, epoch)
-        ckpt.save_weights(out_dir / "last.safetensors", model, cfg, epoch)
-        ckpt.save_state(out_dir / "last_state.pt", {
-            "epoch": epoch, "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": ckpt.rng_states(), "history": history, "best_rsum": best_rsum,
-        })
-        (out_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        improved = val["rsum"] > best_rsum
+        best_rsum = max(best_rsum, val["rsum"])
+        ckpt.save_checkpoint(out_dir, epoch=epoch, model=model, cfg=cfg, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler, history=history,
+                             best_rsum=best_rsum, improved=improved)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
         if time.time() > deadline:
@@ -178,6 +185,20 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
 
     plot_history(history, out_dir / "curves.png")
     return _final_test(cfg, out_dir, model, tokenizer, device, progress, start)
+
+
+def _checkpoint_to_resume(cfg: dict[str, Any], out_dir: Path) -> ckpt.Checkpoint | None:
+    """The verified last checkpoint of ``out_dir`` (``None``: none has committed yet), after
+    checking that ``cfg`` continues the same run (only keys that do not change what is
+    computed, such as the device or the thread count, may differ)."""
+    checkpoint = ckpt.find_checkpoint(out_dir)
+    if checkpoint is not None:
+        changed = resume_differences(merge_config(checkpoint.config), cfg)
+        if changed:
+            raise ValueError(f"resume: the config differs from the run in {out_dir} "
+                             f"({'; '.join(changed)}); resume with the run's own config, or "
+                             "start a new run in another folder")
+    return checkpoint
 
 
 def _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn, cfg,
@@ -231,7 +252,7 @@ def _final_test(cfg, out_dir: Path, model, tokenizer, device, progress: bool,
         memory_budget=int(cfg["eval"]["memory_budget"]), amp=bool(cfg["train"]["amp"]),
         progress=progress,
     )
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    ckpt.write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     log.info("test (%s, %d images, best checkpoint): %s", protocol, test_set.n_images,
              format_metrics(metrics))
     log.info("total time %.0f s; wrote %s", time.time() - start, out_dir / "metrics.json")
