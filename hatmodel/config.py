@@ -317,8 +317,11 @@ def _check_value(key: str, rule: Rule, value: Any) -> Any:
     if rule.kind in ("ints", "floats"):
         if not isinstance(value, list) or (rule.kind == "ints" and not value):
             fail(TypeError)
-        items = [_check_value(key, Rule(rule.kind[:-1], rule.low, rule.high), v) for v in value]
-        return items
+        try:
+            return [_check_value(key, Rule(rule.kind[:-1], rule.low, rule.high), v)
+                    for v in value]
+        except (TypeError, ValueError) as err:
+            raise type(err)(f"{key}: expected {_describe(rule)}, got {value!r}") from None
     number = value if _is_int(value) else (None if rule.kind == "int" else _as_number(value))
     if number is None:
         fail(TypeError)
