@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from hatkernels import constants
+from .. import constants
 
 # The operators' constants (jit functions read globals only as constexpr).
 EPS = tl.constexpr(constants.EPS)
