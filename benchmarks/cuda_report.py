@@ -1,15 +1,15 @@
-"""GPU validation of the ``cuda`` backend (issue 5): correctness, a sanitizer pass, timings.
+"""GPU validation of the ``cuda`` backend: correctness, a sanitizer pass, timings.
 
 Run on a CUDA machine with the project installed and built (it installs nothing)::
 
     python benchmarks/cuda_report.py --quick                  # a few minutes
-    python benchmarks/cuda_report.py --out report.md          # SPEC 5 sizes
+    python benchmarks/cuda_report.py --out report.md          # the full GPU workload sizes
     compute-sanitizer --tool memcheck python benchmarks/cuda_report.py --sanitize
     compute-sanitizer --tool racecheck python benchmarks/cuda_report.py --sanitize
 
 1. Correctness: every pooling x direction x reduce x dtype on small ragged inputs with NaN in
    the padding, scores and gradients against ``hatkernels.reference.naive_align`` in float64
-   (SPEC 1.4 tolerances, PASS/FAIL); then realistic sizes against the torch backend.
+   (the documented tolerances, PASS/FAIL); then realistic sizes against the torch backend.
 2. ``--sanitize`` runs only tiny calls of every kernel (both dtypes paths, shared and global
    scratch) so that compute-sanitizer finishes in minutes.
 3. Timings: the cuda backend, the triton backend and the naive way (where its block fits
@@ -109,7 +109,7 @@ def reference_table() -> list[str]:
 
 @dataclass
 class Workload:
-    """One scoring call (SPEC 5): levels of (M, N, D), caption lengths 8-32 of N."""
+    """One scoring call of a named workload: levels of (M, N, D), caption lengths 8-32 of N."""
 
     name: str
     images: int

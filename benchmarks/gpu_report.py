@@ -1,9 +1,9 @@
-"""GPU validation of the triton backend (issue 4): correctness at realistic sizes, then timings.
+"""GPU validation of the triton backend: correctness at realistic sizes, then timings.
 
 Run on a CUDA machine with the project installed (it installs nothing)::
 
     python benchmarks/gpu_report.py --quick            # under ~5 minutes
-    python benchmarks/gpu_report.py --out report.md    # full SPEC 5 sizes
+    python benchmarks/gpu_report.py --out report.md    # full GPU workload sizes
     TRITON_INTERPRET=1 python benchmarks/gpu_report.py --smoke --out /tmp/r.md  # no GPU:
                                                        # tiny sizes, checks the script itself
 
@@ -36,7 +36,7 @@ NAIVE_BYTES = 8 << 30  # the naive way's [chunk, Bt, M, N] block, at most
 
 @dataclass
 class Workload:
-    """One scoring call: levels of (M, D), caption sizes, operator settings (SPEC 5)."""
+    """One scoring call of a named GPU workload: levels of (M, D), caption sizes, settings."""
 
     name: str
     images: int
@@ -103,7 +103,7 @@ class Workload:
 
 
 def workloads(mode: str) -> list[Workload]:
-    """SPEC 5's GPU workloads; ``quick`` cuts the gallery sizes (ratios stay comparable),
+    """The named GPU workloads (G1-G3); ``quick`` cuts the gallery sizes (ratios stay comparable),
     ``smoke`` runs tiny ones (the script's own check, on CPU under the interpreter)."""
     g = {"smoke": (6, 10), "quick": (1000, 5000), "full": (5000, 25000)}[mode]
     hat = {"smoke": (3, 5), "quick": (500, 2500), "full": (5000, 25000)}[mode]
@@ -215,7 +215,7 @@ def bench_workload(w: Workload, rate: float, rounds: int, with_naive: bool) -> l
 
 
 def peak_memory(w: Workload) -> list[str]:
-    """Peak allocated during HAT's 3-level scoring vs inputs + output + 1 GiB (issue 4)."""
+    """Peak allocated during HAT's 3-level scoring vs inputs + output + 1 GiB (target)."""
     inputs = sum(x.numel() * x.element_size() for x in w.tensors["images"] + w.tensors["texts"])
     output = w.images * w.texts * 4
     if not torch.cuda.is_available():
@@ -237,8 +237,8 @@ def peak_memory(w: Workload) -> list[str]:
 
 
 def backward_ratio(rounds: int, device: str, mode: str) -> list[str]:
-    """Forward vs forward + backward, bfloat16: T1 (SPEC 5) for max and scan, and in the full
-    run max pooling at G1's COCO-5K scale too."""
+    """Forward vs forward + backward, bfloat16: T1 (a training step) for max and scan, and in the
+    full run max pooling at G1's COCO-5K scale too."""
     lines = ["| workload | forward ms | forward+backward ms | backward / forward |",
              "|---|---|---|---|"]
     t1 = (4, 6, [(9, 8, 16)]) if mode == "smoke" else (128, 640, [(49, 32, 768)])

@@ -1,10 +1,10 @@
-// Fused max pooling (SPEC 1.1) on CUDA: one CTA per block of whole images x whole captions.
+// Fused max pooling on CUDA: one CTA per block of whole images x whole captions.
 // Captions come packed (their valid words back to back, so padding words are never
 // multiplied); the block's similarities are computed 64 x 64 at a time (common.cuh) and
 // pooled while in shared memory: a running max per (image, word) for t2i and per (image
 // token, caption) for i2t. Nothing of size [Bi, Bt, M, N] is ever written. The backward
 // recomputes the same tiles, keeps the argmax, and adds coef * (other side's winning token)
-// into float32 gradient buffers with atomics (one winner per query token, SPEC 1.1).
+// into float32 gradient buffers with atomics (one winner per query token).
 #include "cuda/common.cuh"
 
 namespace hatkernels::cuda {

@@ -1,9 +1,9 @@
-// Fused HAT scan pooling (SPEC 1.2) on CUDA. A persistent CTA takes blocks of whole images x
+// Fused HAT scan pooling on CUDA. A persistent CTA takes blocks of whole images x
 // whole captions; it computes the block's similarities 64 x 64 at a time (common.cuh) into
 // its scratch (shared memory when it fits, else its slice of a global buffer), then one warp
 // per (image, caption) pair pools the pair's block. The attended context is never formed:
 // <x, c> = sum alpha S and |c|^2 = alpha^T G alpha with G the Gram matrix of the attended side
-// (SPEC 6), precomputed by the caller.
+// (the Gram identity), precomputed by the caller.
 //
 // The backward recomputes each pair's similarities and attention, forms dS in scratch,
 // accumulates the Gram and norm gradients (d_gram, d_norm, applied by the caller), and adds
@@ -30,7 +30,7 @@ struct DirView {
   __device__ __forceinline__ float& dat(int q, int k) const { return ds[q * sq + k * sk]; }
 };
 
-// Attention of query q over the keys (SPEC 1.2 steps 2-4, kn = key norms + eps) into
+// Attention of query q over the keys (scan steps 2-4, kn = key norms + eps) into
 // alpha[0, nk), and the warp-wide sums num = sum_k alpha S and c2 = alpha^T G alpha. When ga
 // is not null it receives G alpha (the backward reuses it).
 __device__ __forceinline__ void attend_row(const DirView& v, int q, float lam, const float* kn,
@@ -68,7 +68,7 @@ __device__ __forceinline__ void attend_row(const DirView& v, int q, float lam, c
   c2 = warp_sum(c2);
 }
 
-// Sum over queries [q0, q1) of the cosine q (SPEC 1.2 steps 1-4; the key norms span every
+// Sum over queries [q0, q1) of the cosine q (scan steps 1-4; the key norms span every
 // query); wb holds 2 * L floats of this warp.
 __device__ float scan_dir_forward(const DirView& v, float lam, float* wb, int L, int lane, int q0,
                                   int q1) {
