@@ -21,9 +21,12 @@
 // the forward GEMM, so dense dS GEMMs would cost more than they save. Race-free without
 // atomics: a task owns one group of the "parallel" side (images for t2i and both, captions
 // for i2t, the side whose rows the scattered winners hit, kept hot in L2) and runs it
-// against every group of the other side, whose gradient rows go to per-thread partials
-// summed after one barrier (steps of several barriers only when threads x partial rows
-// exceed kPartialBudget). Tiles whose output-gradient block is all zero are skipped.
+// against every group of the other side, whose gradient rows go to partials. Deterministic:
+// the parallel side's groups are cut into fixed chunks (two per thread), each with its own
+// partial, run on one thread in order, and the partials are summed in chunk order after one
+// barrier (steps of several barriers only when chunks x partial rows exceed
+// kPartialBudget); so a given thread count gives bit-identical gradients from run to run,
+// whatever the scheduling. Tiles whose output-gradient block is all zero are skipped.
 #include <omp.h>
 
 #include <algorithm>
@@ -44,12 +47,14 @@ using max_tiles::Packed;
 // Tile targets (tokens): tiles hold C and both operand panels in L2.
 constexpr int64_t kTileRows = 400, kTileCols = 384;
 constexpr int64_t kBackwardRows = 400, kBackwardCols = 384;
-// Bytes of per-thread gradient partials (all threads together) per backward step
+// Bytes of gradient partials (all chunks together) per backward step
 // (overridable at build time so that tests can force many steps).
 #ifndef HATK_MAX_PARTIAL_BUDGET
 #define HATK_MAX_PARTIAL_BUDGET (int64_t{128} << 20)
 #endif
 constexpr int64_t kPartialBudget = HATK_MAX_PARTIAL_BUDGET;
+// Backward chunks (runs of parallel-side groups with their own partial) per thread.
+constexpr int64_t kChunksPerThread = 2;
 
 struct Plan {
   Packed v, t;
@@ -169,7 +174,7 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
 }
 
 // Where a gradient row of one side goes: straight into the [items, max_len, d] gradient, or
-// into a per-thread partial holding the rows [first, ...) of one group.
+// into a chunk's partial holding the rows [first, ...) of one step.
 struct RowDest {
   float* base;
   const Packed* packed;
@@ -334,11 +339,16 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   const std::vector<int64_t>& outer_groups = images_parallel ? plan.cg : plan.ig;
   float* outer_grad = images_parallel ? grad_texts : grad_images;
   const int64_t outer_len = images_parallel ? p.n_max : p.m_max;
-  // Steps: runs of outer groups whose per-thread partials fit kPartialBudget together
-  // (usually one step: no barrier until the end, robust when threads get preempted).
-  const int n_threads_max = omp_get_max_threads();
+  // Chunks: runs of consecutive parallel-side groups, each with its own partial of the outer
+  // side's rows; a chunk's groups run in order on one thread, and the partials are summed in
+  // chunk order, so the result does not depend on which thread ran which chunk. Two chunks
+  // per thread let a faster thread take more of them.
+  const int64_t n_chunks =
+      std::min<int64_t>(n_inner, kChunksPerThread * static_cast<int64_t>(omp_get_max_threads()));
+  // Steps: runs of outer groups whose chunk partials fit kPartialBudget together (usually
+  // one step: no barrier until the end, robust when threads get preempted).
   const int64_t span_rows = std::max<int64_t>(
-      1, kPartialBudget / (static_cast<int64_t>(sizeof(float)) * d * n_threads_max));
+      1, kPartialBudget / (static_cast<int64_t>(sizeof(float)) * d * n_chunks));
   std::vector<int64_t> steps{0};
   for (int64_t o = 0; o < n_outer;) {
     int64_t e = o + 1;
@@ -352,7 +362,7 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   for (size_t s = 0; s + 1 < steps.size(); ++s)
     partial_rows = std::max(partial_rows, outer_packed.off[outer_groups[steps[s + 1]]] -
                                               outer_packed.off[outer_groups[steps[s]]]);
-  std::vector<float*> partials(n_threads_max, nullptr);
+  max_gemm::AlignedFloats partials = max_gemm::aligned_floats(n_chunks * partial_rows * d);
 #pragma omp parallel
   {
     const SingleThreadedBlas one_blas_thread;
@@ -366,34 +376,34 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
     auto win_a = max_tiles::scratch(plan.max_imgs);
     const Winners win{best.get(), idx.data(), ties.data(), coef.get(),
                       win_dv.data(), win_v.data(), win_a.get()};
-    auto partial = max_tiles::scratch(partial_rows * d);
-    partials[omp_get_thread_num()] = partial.get();
-    const int n_threads = omp_get_num_threads();
     const RowDest dv_direct{grad_images, &plan.v, p.m_max, d, 0, true};
     const RowDest dt_direct{grad_texts, &plan.t, p.n_max, d, 0, true};
     for (size_t s = 0; s + 1 < steps.size(); ++s) {
       const int64_t first = outer_packed.off[outer_groups[steps[s]]];
       const int64_t count = outer_packed.off[outer_groups[steps[s + 1]]] - first;
-      std::fill(partial.get(), partial.get() + count * d, 0.f);
-      const RowDest to_partial{partial.get(), &outer_packed, outer_len, d, first, false};
-      // A task owns one group of the parallel side across the step's outer groups.
+      // A chunk's groups of the parallel side, each across the step's outer groups in order.
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t k = 0; k < n_inner; ++k) {
-        for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
-          const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
-          if (block_is_zero(plan, t, grad_out)) continue;
-          similarities(plan, t, d, c.get());
-          backward_tile(p, plan, t, c.get(), grad_out, win,
-                        images_parallel ? dv_direct : to_partial,
-                        images_parallel ? to_partial : dt_direct);
+      for (int64_t ch = 0; ch < n_chunks; ++ch) {
+        float* partial = partials.get() + ch * partial_rows * d;
+        std::fill(partial, partial + count * d, 0.f);
+        const RowDest to_partial{partial, &outer_packed, outer_len, d, first, false};
+        for (int64_t k = ch * n_inner / n_chunks; k < (ch + 1) * n_inner / n_chunks; ++k) {
+          for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
+            const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
+            if (block_is_zero(plan, t, grad_out)) continue;
+            similarities(plan, t, d, c.get());
+            backward_tile(p, plan, t, c.get(), grad_out, win,
+                          images_parallel ? dv_direct : to_partial,
+                          images_parallel ? to_partial : dt_direct);
+          }
         }
       }
       // Implicit barrier above: every partial of this step is complete.
 #pragma omp for schedule(static)
       for (int64_t r = first; r < first + count; ++r) {
         float* dst = RowDest{outer_grad, &outer_packed, outer_len, d, 0, true}.row(r);
-        for (int th = 0; th < n_threads; ++th)
-          max_pool::axpy(dst, 1.f, partials[th] + (r - first) * d, d);
+        for (int64_t ch = 0; ch < n_chunks; ++ch)
+          max_pool::axpy(dst, 1.f, partials.get() + (ch * partial_rows + r - first) * d, d);
       }
       // Implicit barrier: partials may be cleared for the next step.
     }

@@ -16,16 +16,18 @@
 // forms dS pair by pair analytically (through q, the Gram term, softmax, the normalisation
 // and the LeakyReLU) into a tile buffer and applies it with two GEMMs (dV = dS T,
 // dT = dS^T V), plus the norm terms (a scale of each token) and the Gram terms (2 dG X per
-// attended item). Each tile's gradient rows are added under a lock of its image block and
-// of its caption block; gradients are zero on padding.
+// attended item). Deterministic: each tile computes its gradient rows alone, and they are
+// added to its image block's rows in caption-block order and to its caption block's rows in
+// image-block order (turn counters), so the gradients are bit-identical from run to run and
+// for any thread count. Gradients are zero on padding.
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -380,10 +382,9 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
 }
 
 // Add the packed gradient rows of items [k0, k1) (starting at item k0's first token) into
-// the padded [count, max_len, d] gradient, under the block's lock.
+// the padded [count, max_len, d] gradient.
 void add_rows(const Side& s, int64_t k0, int64_t k1, const float* rows, int64_t max_len,
-              float* grad, std::mutex& lock) {
-  const std::lock_guard<std::mutex> guard(lock);
+              float* grad) {
   const int64_t d = s.d;
   for (int64_t k = k0; k < k1; ++k) {
     for (int64_t t = 0; t < s.len[k]; ++t) {
@@ -393,6 +394,39 @@ void add_rows(const Side& s, int64_t k0, int64_t k1, const float* rows, int64_t 
       for (int64_t c = 0; c < d; ++c) dst[c] += src[c];
     }
   }
+}
+
+// A block's turn counter: contributions to one block's gradient rows are added in a fixed
+// order (turn 0, 1, ...), each after the previous one, whatever thread computed it.
+class Turns {
+ public:
+  explicit Turns(int64_t blocks) : next_(blocks) {}
+  void wait(int64_t block, int turn) {
+    std::atomic<int>& next = next_[block];
+    for (int now = next.load(std::memory_order_acquire); now != turn;
+         now = next.load(std::memory_order_acquire))
+      next.wait(now, std::memory_order_acquire);
+  }
+  void pass(int64_t block) {
+    next_[block].fetch_add(1, std::memory_order_release);
+    next_[block].notify_all();
+  }
+
+ private:
+  std::vector<std::atomic<int>> next_;
+};
+
+// The tiles in anti-diagonal order (image block + caption block ascending): the tiles that
+// precede a tile in its image block's and its caption block's addition order lie on the
+// previous diagonal, so they were handed out earlier and are rarely still running.
+std::vector<int64_t> diagonal_order(const Plan& pl) {
+  const int64_t n_img = pl.n_img_blocks, n_txt = pl.n_tiles / pl.n_img_blocks;
+  std::vector<int64_t> order;
+  order.reserve(pl.n_tiles);
+  for (int64_t s = 0; s + 1 < n_img + n_txt; ++s)
+    for (int64_t ib = std::max<int64_t>(0, s - n_txt + 1); ib <= std::min(s, n_img - 1); ++ib)
+      order.push_back((s - ib) * n_img + ib);
+  return order;
 }
 
 }  // namespace
@@ -447,20 +481,27 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
   const Plan pl(p);
   std::vector<Workspace> ws = make_workspaces(pl, true);
   const int threads = static_cast<int>(ws.size());
-  std::vector<std::mutex> img_locks(pl.n_img_blocks), txt_locks(pl.txt_blocks.size());
+  // Tiles are handed out in diagonal order by one counter (so every tile a tile waits for
+  // was taken earlier, by a thread that is running it); an image block's rows receive their
+  // tiles' contributions in caption-block order, a caption block's in image-block order.
+  const std::vector<int64_t> order = diagonal_order(pl);
+  std::atomic<int64_t> next_tile{0};
+  Turns img_turns(pl.n_img_blocks), txt_turns(pl.n_tiles / pl.n_img_blocks);
 #pragma omp parallel num_threads(threads)
   {
     const SingleThreadedBlas one_blas_thread;
     const Workspace& w = ws[omp_get_thread_num()];
     const PairScratch scratch = w.scratch();
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < pl.n_tiles; ++t) {
+    for (int64_t k = next_tile++; k < pl.n_tiles; k = next_tile++) {
+      const int64_t t = order[k], ib = t % pl.n_img_blocks, jb = t / pl.n_img_blocks;
       const Tile tile = tile_of(pl, t);
       tile_gradients(pl, tile, lambda_softmax, grad_out, w, scratch);
-      add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images,
-               img_locks[t % pl.n_img_blocks]);
-      add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts,
-               txt_locks[t / pl.n_img_blocks]);
+      img_turns.wait(ib, static_cast<int>(jb));
+      add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images);
+      img_turns.pass(ib);
+      txt_turns.wait(jb, static_cast<int>(ib));
+      add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts);
+      txt_turns.pass(jb);
     }
   }
 }
