@@ -148,6 +148,9 @@ DEFAULTS: dict[str, Any] = {
         "protocol": "5k",
         "memory_budget": 1 << 30,
         "val_images": 0,
+        # Token stores on disk for evaluation (hatmodel/store_eval.py): a folder to keep them
+        # in; None: only when the caption tokens would exceed memory_budget (a temporary one).
+        "store": None,
     },
 }
 
@@ -265,6 +268,7 @@ SCHEMA: dict[str, Rule] = {
     "eval.protocol": _choice(*PROTOCOLS, runtime=True),
     "eval.memory_budget": _int(1, runtime=True),
     "eval.val_images": _int(0),
+    "eval.store": Rule("str", nullable=True, runtime=True),
 }
 
 

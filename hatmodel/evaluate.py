@@ -22,6 +22,7 @@ from tqdm import tqdm
 from .data import image_loader
 from .models import RetrievalModel, Tokens
 from .runtime import amp_autocast, pick_device
+from .store_eval import init_distributed, score_with_store, wants_store
 
 PROTOCOLS = ("1k", "5k")  # COCO 1K: five folds of 1,000 images; 5K: all at once
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
@@ -133,8 +134,21 @@ def score_matrix(model: RetrievalModel, images: Tokens, captions: Tokens,
 def evaluate_model(model: RetrievalModel, dataset, tokenizer, device: torch.device, *,
                    batch_size: int = 128, count: int | None = None, folds: int = 1,
                    memory_budget: int = 1 << 30, amp: bool = False,
-                   progress: bool = True) -> tuple[dict[str, float], Tensor]:
-    """Metrics (and the score matrix) of the first ``count`` images of ``dataset``."""
+                   progress: bool = True, store: str | Path | None = None,
+                   group=None) -> tuple[dict[str, float], Tensor]:
+    """Metrics (and the score matrix) of the first ``count`` images of ``dataset``.
+
+    Through token stores on disk (:mod:`hatmodel.store_eval`) when ``store`` names a folder,
+    when ``group`` (a process group) splits the work over ranks, or when the caption tokens
+    would exceed ``memory_budget``; the metrics are those of the in-memory way."""
+    n_captions = (count or dataset.n_images) * dataset.captions_per_image
+    if store is not None or group is not None or wants_store(model, tokenizer, n_captions,
+                                                              memory_budget, device):
+        sims = score_with_store(model, dataset, tokenizer, device, folder=store,
+                                batch_size=batch_size, count=count,
+                                memory_budget=memory_budget, amp=amp, progress=progress,
+                                group=group)
+        return retrieval_metrics(sims, dataset.captions_per_image, folds), sims
     was_training = model.training
     model.eval()
     try:
@@ -190,12 +204,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     dataset = build_dataset(cfg, args.split)
     tokenizer = build_tokenizer(cfg)
     protocol = args.protocol or cfg["eval"]["protocol"]
+    group = init_distributed(args.device)  # torchrun: every rank takes a share
     metrics, _ = evaluate_model(
         model, dataset, tokenizer, device, batch_size=cfg["eval"]["batch_size"],
         folds=protocol_folds(protocol, dataset.n_images),
         memory_budget=int(cfg["eval"]["memory_budget"]),
         amp=bool(cfg["train"]["amp"]), progress=not args.no_progress,
+        store=cfg["eval"]["store"], group=group,
     )
+    if group is not None:
+        rank = torch.distributed.get_rank(group)
+        torch.distributed.destroy_process_group()
+        if rank:
+            return metrics
     print(f"{args.split} ({protocol}, {dataset.n_images} images): {format_metrics(metrics)}")
     out = Path(args.out) if args.out else path.parent / f"metrics_{args.split}_{protocol}.json"
     out.write_text(json.dumps(metrics, indent=2) + "\n")

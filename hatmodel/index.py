@@ -36,8 +36,8 @@ from tqdm import tqdm
 from hatkernels import TokenStore
 from hatkernels.store import DEFAULT_SHARD_SIZE, temporary_folder
 
-from .evaluate import amp_autocast
 from .models import RetrievalModel, Tokens
+from .runtime import amp_autocast, pick_device
 
 FORMAT = "hatmodel-index-1"
 SIDES = ("images", "texts")
@@ -176,7 +176,6 @@ def build_index(checkpoint: str | Path, out: str | Path, side: str, *, split: st
                 progress: bool = True) -> Path:
     """Encode one side of a gallery with ``checkpoint`` into an index folder at ``out``."""
     from .checkpoint import load_for_eval
-    from .train import pick_device
 
     if side not in SIDES:
         raise ValueError(f"--side: expected one of {SIDES}, got {side!r}")

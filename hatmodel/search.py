@@ -14,7 +14,6 @@ shard boundaries) and the ranks merge their hits: the output is the same as one 
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from hatkernels import hier_topk
 
 from .index import model_fingerprint, read_index
 from .models import Tokens
+from .runtime import pick_device
+from .store_eval import init_distributed
 
 
 class Searcher:
@@ -37,7 +38,6 @@ class Searcher:
                  overrides: list[str] | None = None, split: str = "test", group=None) -> None:
         from .checkpoint import load_for_eval
         from .data import build_tokenizer
-        from .train import pick_device
 
         self.model, self.cfg, path = load_for_eval(checkpoint, overrides)
         self.info, self.items, store = read_index(index, fingerprint=model_fingerprint(path))
@@ -173,21 +173,6 @@ def draw(searcher: Searcher, query: str | Image.Image, hits: list[dict[str, Any]
     write_file(out, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
     return Path(out)
-
-
-def init_distributed(device: str | None):
-    """The default process group under torchrun (``WORLD_SIZE`` > 1), else None: gloo on
-    CPU, NCCL on CUDA."""
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    if not dist.is_initialized():
-        cuda = (device or "").startswith("cuda") or (device is None and torch.cuda.is_available())
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.group.WORLD
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
