@@ -133,3 +133,23 @@ def test_resume_without_a_checkpoint_starts_from_the_beginning(tmp_path):
     assert "no complete checkpoint yet: starting from the beginning" in \
         (tmp_path / "killed" / "out.log").read_text()
     assert not list((tmp_path / "killed").rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("backend,pooling,threads",
+                         [("torch", "scan", 1), ("cpu", "scan", 2), ("cpu", "max", 2)])
+def test_same_inputs_give_bit_identical_runs(tmp_path, backend, pooling, threads):
+    """Nothing in the pipeline (data order, dropout, the loss, checkpoints) adds
+    nondeterminism: two runs of one config end with the same weights, bit for bit (the cpu
+    backend on two threads, where its kernels split the work)."""
+    from hatkernels import available_backends
+
+    if backend not in available_backends():
+        pytest.skip(f"the {backend} backend is not built here")
+    cfg = load_config("hat_tiny", [
+        "train.epochs=1", f"train.threads={threads}", "train.max_steps_per_epoch=2",
+        "data.scenes.val_images=8", "data.scenes.test_images=8",
+        f"model.align.backend={backend}", f"model.align.pooling={pooling}"])
+    metrics = [train_cli.train(cfg, tmp_path / str(i), progress=False) for i in range(2)]
+    assert metrics[0] == metrics[1]
+    a, b = (load_file(str(tmp_path / str(i) / "last.safetensors")) for i in range(2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
