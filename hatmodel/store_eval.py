@@ -2,9 +2,12 @@
 
 Each side is encoded batch by batch into a :class:`hatkernels.TokenStore` (float32, so the
 scores are those of the in-memory evaluation), then the score matrix is filled one block of
-image rows at a time, each block scored against the captions one store shard at a time. Host
+image rows at a time (the blocks of ``hatmodel.evaluate.score_matrix``), each block scored
+against the captions one chunk at a time (as many as fit in half the memory budget). Host
 memory holds the ``[n_images, n_captions]`` float32 score matrix (the metrics' input), one
-block of image tokens and one caption shard, instead of every token of the split.
+block of image tokens and one chunk of captions, instead of every token of the split. When
+the captions fit in one chunk, every ``model.score`` call is the in-memory evaluation's, so
+the matrix is bit-identical to it; the chunks never depend on the number of ranks.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank encodes its own contiguous run of whole
 batches (the batches of the one-process run) into its own part of the store folder, which
@@ -100,12 +103,10 @@ def _read(parts: list[TokenStore], a: int, b: int) -> Tokens:
     return Tokens.cat(pieces)
 
 
-def _chunks(parts: list[TokenStore]) -> Iterator[tuple[int, Tokens]]:
-    first = 0
-    for part in parts:
-        for offset, levels, lengths in part.chunks():
-            yield first + offset, Tokens(levels, list(lengths))
-        first += len(part)
+def _trim(tokens: Tokens) -> Tokens:
+    """Padding cut to the longest item of each level (as ``Tokens.cat`` pads in memory)."""
+    levels = [t[:, :max(1, int(n.max()))] for t, n in zip(tokens.levels, tokens.lengths)]
+    return Tokens(levels, tokens.lengths)
 
 
 def encode_to_store(model: RetrievalModel, dataset, tokenizer, device: torch.device,
@@ -143,13 +144,16 @@ def score_from_store(model: RetrievalModel, folder: Path, device: torch.device, 
     images, texts = _parts(folder, "images", world), _parts(folder, "texts", world)
     n_img, n_cap = sum(len(p) for p in images), sum(len(p) for p in texts)
     rows = max(1, min(n_img, memory_budget // max(1, 4 * n_cap)))
+    caption_bytes = sum(t * d * 4 for t, d in texts[0].levels)
+    cols = max(1, min(n_cap, memory_budget // 2 // caption_bytes))
     starts = list(range(0, n_img, rows))
     mine = starts[rank::world]
     out = torch.zeros(max(1, (len(starts) + world - 1) // world) * rows, n_cap)
     for n, start in enumerate(tqdm(mine, desc="score", disable=not progress, leave=False)):
-        block = _read(images, start, min(n_img, start + rows)).to(device)
-        for first, chunk in _chunks(texts):
-            s = model.score(block, chunk.to(device), memory_budget).float().cpu()
+        block = _trim(_read(images, start, min(n_img, start + rows))).to(device)
+        for first in range(0, n_cap, cols):
+            chunk = _trim(_read(texts, first, min(n_cap, first + cols))).to(device)
+            s = model.score(block, chunk, memory_budget).float().cpu()
             out[n * rows:n * rows + len(block), first:first + len(chunk)] = s
     if group is None:
         return out[:n_img]
