@@ -219,7 +219,8 @@ def hier_align(
                 f"images/texts[{level}]: all tensors must be on one device ({first.device}), "
                 f"got {v.device} and {t.device}"
             )
-        if n_images and n_texts and (v.shape[1] == 0 or t.shape[1] == 0 or v.shape[2] == 0):
+        # An empty batch is checked like any other: each non-empty side needs tokens.
+        if (n_images and v.shape[1] == 0) or (n_texts and t.shape[1] == 0) or v.shape[2] == 0:
             raise ValueError(
                 f"images/texts[{level}]: need at least one token and one feature, got "
                 f"{tuple(v.shape)} and {tuple(t.shape)}"

@@ -70,6 +70,8 @@ def test_bad_arguments_name_the_argument(kwargs, error, name):
         ),
         ([torch.randn(3, 5, 8), [1]], [torch.randn(4, 6, 8)] * 2, TypeError, "images"),
         (torch.randn(3, 0, 8), torch.randn(4, 6, 8), ValueError, "images"),
+        (torch.randn(0, 5, 8), torch.randn(4, 0, 8), ValueError, "texts"),
+        (torch.randn(0, 5, 0), torch.randn(0, 6, 0), ValueError, "images"),
     ],
 )
 def test_bad_tensors_name_the_argument(images, texts, error, name):
