@@ -22,10 +22,12 @@ async function detail(response) {
 async function loadInfo() {
   const response = await fetch("/api/info");
   const info = await response.json();
-  $("info").textContent = `${info.model} over the ${info.split} split: ${info.images} images, ` +
-    `${info.captions} captions`;
+  const indexes = Object.entries(info.indexes).map(([kind, index]) =>
+    `${index.count} ${kind}s` + (index.split ? ` (${index.split} split)` : ""));
+  $("info").textContent = `${info.model}: ${indexes.join(", ")}`;
   $("k").max = info.limits.k;
   $("text").maxLength = info.limits.text_chars;
+  if (!info.text_queries) $("text-form").hidden = true;
   if (!info.image_queries) $("drop").hidden = true;
 }
 
@@ -34,6 +36,7 @@ function hitButton(hit) {
   button.className = "hit";
   button.type = "button";
   button.dataset.id = hit.id;
+  if (hit.caption) button.title = `a true caption: ${hit.caption}`;
   const imageId = hit.id.startsWith("image-") ? hit.id : hit.image;
   if (imageId) {
     const img = document.createElement("img");

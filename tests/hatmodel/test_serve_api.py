@@ -1,7 +1,8 @@
-"""``hatmodel.serve``'s JSON API on a tiny trained HAT run and its test-split index: hits equal
-``hier_topk`` called directly, the alignment pictures come back as PNGs, every bad input is
-a 4xx naming the argument (and the server keeps answering), handlers leave the event loop
-free, and the CLI binds to 127.0.0.1 and stops cleanly on SIGTERM."""
+"""``hatmodel.serve``'s JSON API on a tiny trained HAT run and the image and caption indexes
+of its test split: hits equal ``hier_topk`` called directly, the alignment pictures come back
+as PNGs, every bad input is a 4xx naming the argument (and the server keeps answering),
+handlers leave the event loop free, and the CLI binds to 127.0.0.1 and stops cleanly on
+SIGINT and SIGTERM."""
 
 from __future__ import annotations
 
@@ -23,17 +24,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from hatkernels import TokenStore, hier_topk
+from hatmodel import checkpoint as ckpt
 from hatmodel import train as train_cli
 from hatmodel.checkpoint import load_for_eval
+from hatmodel.config import load_config
 from hatmodel.data import build_dataset, build_tokenizer
-from hatmodel.serve import (
-    MAX_BODY_BYTES,
-    MAX_K,
-    MAX_TEXT_CHARS,
-    Searcher,
-    build_index,
-    create_app,
-)
+from hatmodel.index import build_index
+from hatmodel.models import build_model
+from hatmodel.serve import MAX_BODY_BYTES, MAX_K, MAX_TEXT_CHARS, SearchService, create_app
 from hatmodel.visualize import hat_image
 
 QUERIES = ["a large red circle and a small blue square", "there is a green cross at the top"]
@@ -41,27 +39,29 @@ QUERIES = ["a large red circle and a small blue square", "there is a green cross
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A hat_tiny run trained for a few steps, and the index of its test split."""
+    """A hat_tiny run trained for a few steps, and the image and caption indexes of its test
+    split."""
     root = tmp_path_factory.mktemp("serve")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         train_cli.main(["--config", "hat_tiny", "--output-dir", str(root / "run"),
                         "--no-progress", "train.epochs=1", "train.max_steps_per_epoch=2"])
-        build_index(root / "run", root / "index")
+        for side in ("images", "texts"):
+            build_index(root / "run", root / side, side, progress=False)
     finally:
         torch.set_num_threads(threads)
-    return root / "run", root / "index"
+    return root / "run", root / "images", root / "texts"
 
 
 @pytest.fixture(scope="module")
-def searcher(run):
-    return Searcher.load(run[1], run[0])
+def service(run):
+    return SearchService.load([run[1], run[2]], run[0])
 
 
 @pytest.fixture(scope="module")
-def client(searcher):
-    with TestClient(create_app(searcher)) as c:
+def client(service):
+    with TestClient(create_app(service)) as c:
         yield c
 
 
@@ -69,7 +69,7 @@ def client(searcher):
 def direct(run):
     """The same model and stores, loaded apart from the server, for the expected answers."""
     model, cfg, _ = load_for_eval(run[0])
-    images, captions = TokenStore.open(run[1] / "images"), TokenStore.open(run[1] / "captions")
+    images, captions = TokenStore.open(run[1] / "tokens"), TokenStore.open(run[2] / "tokens")
     return model, cfg, build_tokenizer(cfg), images, captions
 
 
@@ -133,7 +133,7 @@ def test_items(client, direct):
     data = build_dataset(cfg, "test")
     r = client.get("/api/item/caption-7")
     assert r.status_code == 200
-    assert r.json() == {"id": "caption-7", "kind": "caption", "index": 7,
+    assert r.json() == {"id": "caption-7", "kind": "caption", "name": "7",
                         "text": data.captions[7], "image": "image-1"}
     r = client.get("/api/item/image-2")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
@@ -142,7 +142,9 @@ def test_items(client, direct):
         small = np.array(img.convert("RGB").resize((32, 32), Image.NEAREST))
     assert torch.equal(torch.from_numpy(small).permute(2, 0, 1), data.pixels[2])
     info = client.get("/api/info").json()
-    assert info["images"] == 20 and info["captions"] == 100 and info["split"] == "test"
+    assert info["indexes"] == {"image": {"count": 20, "source": "split", "split": "test"},
+                               "caption": {"count": 100, "source": "split", "split": "test"}}
+    assert info["text_queries"] and info["image_queries"]
 
 
 def test_explain_pictures(client):
@@ -216,7 +218,7 @@ def test_k_limit_is_the_gallery_or_max_k(client):
     assert r.status_code == 200 and len(r.json()["hits"]) == 20
 
 
-def test_requests_are_served_while_the_model_is_busy(client, searcher):
+def test_requests_are_served_while_the_model_is_busy(client, service):
     """A search waiting for the model lock holds a pool thread, not the event loop."""
     results = {}
 
@@ -226,7 +228,7 @@ def test_requests_are_served_while_the_model_is_busy(client, searcher):
         thread.start()
         return thread
 
-    with searcher.model_lock:
+    with service.model_lock:
         search = get("search", "/api/search", text=QUERIES[0], k=3)
         time.sleep(0.5)
         assert search.is_alive()  # the search waits for the model ...
@@ -235,6 +237,27 @@ def test_requests_are_served_while_the_model_is_busy(client, searcher):
         assert not item.is_alive() and results["item"].status_code == 200
     search.join(timeout=60)
     assert results["search"].status_code == 200
+
+
+def test_one_index_serves_its_side_only(run):
+    """An image index alone answers captions; an image query is a 400 naming ``file``."""
+    with TestClient(create_app(SearchService.load([run[1]], run[0]))) as c:
+        assert c.get("/api/search", params={"text": QUERIES[0], "k": 3}).status_code == 200
+        r = c.post("/api/search", files={"file": ("a.png", _png(), "image/png")})
+        assert r.status_code == 400 and r.json()["detail"].startswith("file: this server has")
+        assert c.get("/api/item/caption-0").status_code == 404
+        assert c.get("/api/info").json()["image_queries"] is False
+
+
+def test_index_of_another_model_is_refused(run, tmp_path):
+    torch.manual_seed(1)
+    cfg = load_config("hat_tiny")
+    other = build_model(cfg, build_tokenizer(cfg).vocab_size)
+    ckpt.save_weights(tmp_path / "best.safetensors", other, cfg, 0)
+    with pytest.raises(ValueError, match="checkpoint: the index .* another model"):
+        SearchService.load([run[1]], tmp_path)
+    with pytest.raises(ValueError, match="index: two indexes of images"):
+        SearchService.load([run[1], run[1]], run[0])
 
 
 def _free_port() -> int:
@@ -249,7 +272,8 @@ def test_cli_binds_to_localhost_and_stops_cleanly(run, stop, returncode):
     it as killed by SIGTERM (uvicorn re-raises the signal it handled)."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "hatmodel.serve", str(run[1]), "--checkpoint", str(run[0]),
+        [sys.executable, "-m", "hatmodel.serve", str(run[1]), str(run[2]),
+         "--checkpoint", str(run[0]),
          "--port", str(port), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         env=os.environ | {"PYTHONUNBUFFERED": "1"},

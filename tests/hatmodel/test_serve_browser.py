@@ -18,8 +18,9 @@ import uvicorn
 from hatmodel import checkpoint as ckpt
 from hatmodel.config import load_config
 from hatmodel.data import build_tokenizer
+from hatmodel.index import build_index
 from hatmodel.models import build_model
-from hatmodel.serve import Searcher, build_index, create_app
+from hatmodel.serve import SearchService, create_app
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -43,8 +44,9 @@ def server(tmp_path_factory):
     cfg = load_config("hat_tiny")
     model = build_model(cfg, build_tokenizer(cfg).vocab_size).eval()
     ckpt.save_weights(root / "run" / "best.safetensors", model, cfg, 0)
-    build_index(root / "run", root / "index")
-    app = create_app(Searcher.load(root / "index", root / "run"))
+    for side in ("images", "texts"):
+        build_index(root / "run", root / side, side, progress=False)
+    app = create_app(SearchService.load([root / "images", root / "texts"], root / "run"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
