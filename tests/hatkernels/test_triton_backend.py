@@ -1,5 +1,5 @@
 """The ``triton`` backend's own checks: its tiling paths (straddling items, several row tiles,
-winner chunks, long-caption fallback), every mode against the float64 reference, and its
+winner chunks, shape limits reported to dispatch), every mode against the float64 reference, and its
 helpers. On CPU it runs under Triton's interpreter (``TRITON_INTERPRET=1``, as CI sets it):
 tiny shapes only, and the interpreter's tiles are 16 wide so that small inputs cross them."""
 
