@@ -35,6 +35,7 @@ import yaml
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import (
     DEFAULT_CONFIG,
     config_path,
@@ -44,7 +45,7 @@ from .config import (
     validate_config,
 )
 from .data import Batch, build_dataset, build_tokenizer, epoch_pairs, train_loader
-from .evaluate import evaluate_model, format_metrics, protocol_folds
+from .evaluate import METRIC_KEYS, evaluate_model, format_metrics, protocol_folds
 from .losses import build_loss, score_spread
 from .models import RetrievalModel, build_model
 from .runtime import amp_autocast, lr_factor, needs_grad_scaler, pick_device, seed_everything
@@ -62,13 +63,17 @@ def make_optimizer(model: RetrievalModel, cfg: dict[str, Any]) -> torch.optim.Op
                             weight_decay=float(t["weight_decay"]))
 
 
-def _setup_logging(out_dir: Path) -> None:
-    log.setLevel(logging.INFO)
+def _setup_logging(out_dir: Path, main: bool = True) -> None:
+    """``out.log`` and stdout; a rank other than 0 of several processes logs only errors, to
+    stderr."""
+    log.setLevel(logging.INFO if main else logging.ERROR)
     for handler in list(log.handlers):
         log.removeHandler(handler)
         handler.close()
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(out_dir / "out.log"), logging.StreamHandler(sys.stdout)):
+    handlers = ((logging.FileHandler(out_dir / "out.log"), logging.StreamHandler(sys.stdout))
+                if main else (logging.StreamHandler(sys.stderr),))
+    for handler in handlers:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
@@ -80,19 +85,25 @@ def _steps_per_epoch(n_pairs: int, cfg: dict[str, Any]) -> int:
     return min(steps, int(t["max_steps_per_epoch"])) if t["max_steps_per_epoch"] else steps
 
 
-def _same_image(batch: Batch) -> torch.Tensor:
-    return batch.image_index[:, None] == batch.image_index[None, :]
+def _same_image(image_index: torch.Tensor) -> torch.Tensor:
+    return image_index[:, None] == image_index[None, :]
 
 
 def train_step(model: RetrievalModel, batch: Batch, loss_fn, optimizer, scaler, cfg,
-               device: torch.device) -> tuple[float, dict[str, float]]:
-    """One optimisation step on a batch; returns the loss and the score-matrix health."""
+               device: torch.device,
+               ctx: distributed.Context = distributed.SINGLE) -> tuple[float, dict[str, float]]:
+    """One optimisation step on a batch; returns the loss and the score-matrix health.
+
+    Under several processes ``batch`` is this rank's slice of the global batch; the loss, the
+    health and the update are those of the whole global batch (:mod:`hatmodel.distributed`).
+    """
     batch = batch.to(device)
     with amp_autocast(device, bool(cfg["train"]["amp"])):
-        scores = model(batch.images, batch.input_ids, batch.attention_mask)
-    loss = loss_fn(scores.float(), _same_image(batch))
+        scores, image_index = distributed.batch_scores(model, batch, ctx)
+    loss = loss_fn(scores.float(), _same_image(image_index))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    distributed.average_gradients(model, ctx)
     if cfg["train"]["grad_clip"]:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["train"]["grad_clip"]))
@@ -108,23 +119,29 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
 
     ``on_epoch_end(epoch, record)`` runs after each epoch's checkpoints are written (tests
     raise from it to simulate a killed run). Returns the test metrics.
+
+    Under torchrun every rank trains its slice of each global batch and only rank 0 writes
+    the run folder and evaluates (:mod:`hatmodel.distributed`); every rank returns rank 0's
+    test metrics.
     """
     out_dir = Path(out_dir)
     cfg = validate_config(cfg, check_paths=True)
     checkpoint = _checkpoint_to_resume(cfg, out_dir) if resume else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    _setup_logging(out_dir)
     t = cfg["train"]
+    ctx, device = distributed.setup(cfg, pick_device(t["device"]), resume)
+    _setup_logging(out_dir, ctx.is_main)
+    progress = progress and ctx.is_main
     if int(t["threads"]) > 0:
         torch.set_num_threads(int(t["threads"]))
-    device = pick_device(t["device"])
     seed_everything(int(cfg["seed"]))
-    removed = [] if resume else ckpt.discard(out_dir)
-    if removed:
-        log.warning("%s held an earlier run: removed its %s (pass --resume to continue a "
-                    "run)", out_dir, ", ".join(removed))
-    ckpt.tidy(out_dir)
-    ckpt.write_text(out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+    if ctx.is_main:
+        removed = [] if resume else ckpt.discard(out_dir)
+        if removed:
+            log.warning("%s held an earlier run: removed its %s (pass --resume to continue a "
+                        "run)", out_dir, ", ".join(removed))
+        ckpt.tidy(out_dir)
+        ckpt.write_text(out_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
     start = time.time()
     tokenizer = build_tokenizer(cfg)
@@ -142,6 +159,10 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
     log.info("model %s: %.2fM parameters; %d train / %d val images; %d steps/epoch on %s",
              cfg["model"]["name"], n_params / 1e6, train_set.n_images, val_set.n_images,
              steps_per_epoch, device)
+    if ctx.active:
+        log.info("%d processes: each encodes %d of the %d pairs of every batch; rank 0 "
+                 "evaluates while the others wait", ctx.world_size,
+                 int(t["batch_size"]) // ctx.world_size, int(t["batch_size"]))
 
     first_epoch, history, best_rsum = 0, [], -1.0
     if checkpoint is not None:
@@ -153,38 +174,45 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
     elif resume:
         log.info("resume: %s holds no complete checkpoint yet: starting from the beginning",
                  out_dir)
+    distributed.broadcast_module(model, ctx)
 
     val_count = int(cfg["eval"]["val_images"]) or val_set.n_images
     deadline = start + float(t["time_limit_s"]) if t["time_limit_s"] else math.inf
     for epoch in range(first_epoch, int(t["epochs"])):
+        distributed.seed_epoch(int(cfg["seed"]), epoch, ctx)
         record = _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn,
-                              cfg, device, epoch, steps_per_epoch, progress, deadline)
-        val, _ = evaluate_model(model, val_set, tokenizer, device,
-                                batch_size=int(cfg["eval"]["batch_size"]), count=val_count,
-                                memory_budget=int(cfg["eval"]["memory_budget"]),
-                                amp=bool(t["amp"]), progress=progress)
-        record.update(val_rsum=val["rsum"], val_i2t_r1=val["i2t_r1"], val_t2i_r1=val["t2i_r1"],
-                      elapsed_s=time.time() - start)
-        history.append(record)
-        log.info("epoch %d: loss %.4f  spread %.4f  lr %.2e  val %s  (%.0f s)", epoch,
-                 record["loss"], record["spread"], record["lr"], format_metrics(val),
-                 record["elapsed_s"])
-        improved = val["rsum"] > best_rsum
-        best_rsum = max(best_rsum, val["rsum"])
-        ckpt.save_checkpoint(out_dir, epoch=epoch, model=model, cfg=cfg, optimizer=optimizer,
-                             scheduler=scheduler, scaler=scaler, history=history,
-                             best_rsum=best_rsum, improved=improved)
+                              cfg, device, epoch, steps_per_epoch, progress, deadline, ctx)
+        if ctx.is_main:  # the other ranks wait for it at distributed.agree below
+            val, _ = evaluate_model(model, val_set, tokenizer, device,
+                                    batch_size=int(cfg["eval"]["batch_size"]), count=val_count,
+                                    memory_budget=int(cfg["eval"]["memory_budget"]),
+                                    amp=bool(t["amp"]), progress=progress)
+            record.update(val_rsum=val["rsum"], val_i2t_r1=val["i2t_r1"],
+                          val_t2i_r1=val["t2i_r1"], elapsed_s=time.time() - start)
+            history.append(record)
+            log.info("epoch %d: loss %.4f  spread %.4f  lr %.2e  val %s  (%.0f s)", epoch,
+                     record["loss"], record["spread"], record["lr"], format_metrics(val),
+                     record["elapsed_s"])
+            improved = val["rsum"] > best_rsum
+            best_rsum = max(best_rsum, val["rsum"])
+            ckpt.save_checkpoint(out_dir, epoch=epoch, model=model, cfg=cfg, optimizer=optimizer,
+                                 scheduler=scheduler, scaler=scaler, history=history,
+                                 best_rsum=best_rsum, improved=improved)
+        stop = distributed.agree(time.time() > deadline, ctx)
         if on_epoch_end is not None:
             on_epoch_end(epoch, record)
-        if time.time() > deadline:
+        if stop:
             log.warning("train.time_limit_s (%s s) reached after epoch %d of %d: stopping "
                         "training early", t["time_limit_s"], epoch, int(t["epochs"]))
             break
 
+    if not ctx.is_main:  # rank 0 plots and tests; the others wait for its metrics
+        return distributed.share(dict.fromkeys(METRIC_KEYS, 0.0), ctx)
     from .plot import plot_history
 
     plot_history(history, out_dir / "curves.png")
-    return _final_test(cfg, out_dir, model, tokenizer, device, progress, start)
+    return distributed.share(
+        _final_test(cfg, out_dir, model, tokenizer, device, progress, start), ctx)
 
 
 def _checkpoint_to_resume(cfg: dict[str, Any], out_dir: Path) -> ckpt.Checkpoint | None:
@@ -202,24 +230,25 @@ def _checkpoint_to_resume(cfg: dict[str, Any], out_dir: Path) -> ckpt.Checkpoint
 
 
 def _train_epoch(model, train_set, tokenizer, optimizer, scheduler, scaler, loss_fn, cfg,
-                 device, epoch: int, steps: int, progress: bool,
-                 deadline: float = math.inf) -> dict[str, Any]:
+                 device, epoch: int, steps: int, progress: bool, deadline: float = math.inf,
+                 ctx: distributed.Context = distributed.SINGLE) -> dict[str, Any]:
     t = cfg["train"]
     frozen = epoch < int(t["freeze_encoders_epochs"])
     model.freeze_encoders(frozen)
     model.train()
     pairs = epoch_pairs(train_set.n_images, train_set.captions_per_image, t["sample"],
                         int(cfg["seed"]), epoch)[: steps * int(t["batch_size"])]
-    loader = train_loader(train_set, tokenizer, pairs, int(t["batch_size"]),
-                          int(cfg["data"]["num_workers"]))
+    loader = train_loader(train_set, tokenizer,
+                          distributed.shard_batches(pairs, int(t["batch_size"]), ctx),
+                          int(t["batch_size"]) // ctx.world_size, int(cfg["data"]["num_workers"]))
     losses, spreads, gaps = [], [], []
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch}" + (" (frozen)" if frozen else ""),
                disable=not progress, leave=False)
     for i, batch in enumerate(bar):
-        if i > 0 and time.time() > deadline:
+        if i > 0 and deadline < math.inf and distributed.agree(time.time() > deadline, ctx):
             log.warning("epoch %d: time limit reached after %d of %d steps", epoch, i, steps)
             break
-        loss, health = train_step(model, batch, loss_fn, optimizer, scaler, cfg, device)
+        loss, health = train_step(model, batch, loss_fn, optimizer, scaler, cfg, device, ctx)
         scheduler.step()
         if not math.isfinite(loss):
             raise FloatingPointError(f"epoch {epoch} step {i}: loss is {loss}")
@@ -281,7 +310,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         overrides.append(f"train.device={args.device}")
     cfg = load_config(args.config, overrides)
     out_dir = Path(args.output_dir or Path("runs") / config_path(args.config).stem)
-    return train(cfg, out_dir, resume=args.resume, progress=not args.no_progress)
+    # A worker group that torchrun restarted after a failure continues from the last epoch.
+    resume = args.resume or distributed.restarted()
+    try:
+        return train(cfg, out_dir, resume=resume, progress=not args.no_progress)
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":
