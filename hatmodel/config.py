@@ -166,7 +166,7 @@ class Rule:
     integers), ``floats`` (a list of numbers), ``mapping``, ``file`` or ``dir`` (a path that
     must exist when paths are checked). ``low``/``high`` bound numbers and list entries
     (inclusive). ``runtime``: the key may change when a run is resumed (it does not change
-    what is computed).
+    what is computed: devices, threads, logging, where files live).
     """
 
     kind: str
@@ -196,8 +196,8 @@ SCHEMA: dict[str, Rule] = {
     "model.image.arch": Rule("str"),
     "model.image.kwargs": Rule("mapping"),
     "model.image.stages": Rule("ints", 0),
-    "model.image.checkpoint": Rule("file", nullable=True),
-    "model.text.pretrained": Rule("dir", nullable=True),
+    "model.image.checkpoint": Rule("file", nullable=True, runtime=True),
+    "model.text.pretrained": Rule("dir", nullable=True, runtime=True),
     "model.text.config": Rule("mapping", nullable=True),
     "model.text.layers": Rule("ints", 0),
     "model.align.pooling": _choice(*POOLINGS),
