@@ -157,5 +157,6 @@ function setUpDrop() {
 }
 
 $("text-form").addEventListener("submit", searchText);
+$("explain").addEventListener("click", () => $("why").classList.toggle("wide"));
 setUpDrop();
 loadInfo().catch((error) => setStatus($("info"), `no server info (${error})`, true));
