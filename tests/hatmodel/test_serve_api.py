@@ -260,6 +260,29 @@ def test_index_of_another_model_is_refused(run, tmp_path):
         SearchService.load([run[1], run[1]], run[0])
 
 
+def test_teran_serves_captions_and_region_pictures(tmp_path):
+    """A TERAN model: caption queries and region pictures work; image queries are a 400."""
+    from test_visualize import TERAN
+
+    torch.manual_seed(0)
+    cfg = load_config("teran_default", TERAN)
+    model = build_model(cfg, build_tokenizer(cfg).vocab_size)
+    ckpt.save_weights(tmp_path / "run" / "best.safetensors", model, cfg, 0)
+    for side in ("images", "texts"):
+        build_index(tmp_path / "run", tmp_path / side, side, progress=False)
+    service = SearchService.load([tmp_path / "images", tmp_path / "texts"], tmp_path / "run")
+    with TestClient(create_app(service)) as c:
+        r = c.get("/api/search", params={"text": QUERIES[0], "k": 4})
+        assert r.status_code == 200 and len(r.json()["hits"]) == 4
+        r = c.get("/api/explain", params={"text": QUERIES[0], "id": r.json()["hits"][0]["id"]})
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+        assert c.get("/api/item/image-0").content.startswith(b"\x89PNG")
+        r = c.post("/api/search", files={"file": ("a.png", _png(), "image/png")})
+        assert r.status_code == 400 and "TERAN" in r.json()["detail"]
+        info = c.get("/api/info").json()
+        assert info["model"] == "TERAN" and not info["image_queries"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
