@@ -6,9 +6,11 @@ import pytest
 import torch
 
 import hatkernels
+from alignment_cases import INTERPRETING, check_against_reference, make_case
 from hatkernels import dispatch, hier_align
 from hatkernels.backends.triton import TritonBackend
 from hatkernels.inputs import AlignInputs
+from hatkernels.ops import align
 
 
 def _inputs(m=5, n=6, d=8, pooling="max", direction="t2i", needs_grad=False,
@@ -130,3 +132,23 @@ def test_import_without_compiled_extension_warns_once_and_falls_back():
         "assert out.shape == (2, 3)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(not INTERPRETING, reason="runs Triton kernels on CPU: TRITON_INTERPRET=1")
+def test_each_level_goes_to_a_backend_that_serves_it(monkeypatch):
+    """Triton first (as on GPUs): the level with long captions runs on the next backend, the
+    other on triton, and the sum is exact, gradients included."""
+    from hatkernels import api
+
+    monkeypatch.delenv("HATKERNELS_BACKEND", raising=False)
+    monkeypatch.setitem(dispatch.PREFERENCE, "cpu", ("triton", "torch"))
+    chosen = []
+
+    def spy(inp, backend):
+        chosen.append((inp.text_tokens, backend))
+        return align(inp, backend)
+
+    monkeypatch.setattr(api, "align", spy)
+    case = make_case(23, 2, 3, [(5, 9, 6), (4, 130, 6)])
+    check_against_reference(case, "auto", torch.float32, pooling="scan", direction="i2t")
+    assert chosen == [(9, "triton"), (130, "torch")]
