@@ -26,6 +26,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 @pytest.fixture(scope="session")
 def bench(pytestconfig: pytest.Config) -> harness.Config:
     full = pytestconfig.getoption("--benchmark")
+    harness.code_state()  # the code under test, read before anything runs
     rounds = int(os.environ.get("HATKERNELS_BENCH_ROUNDS", "5")) if full else 1
     return harness.Config(full=full, rounds=rounds)
 

@@ -10,6 +10,7 @@ check (``python harness.py CASE_JSON``).
 from __future__ import annotations
 
 import csv
+import functools
 import gc
 import itertools
 import json
@@ -295,29 +296,38 @@ def _git(*args: str) -> str:
     return proc.stdout.strip()
 
 
-def machine_info() -> dict:
-    """CPU model and ISA, cores, torch/python versions, git commit and the files of the code
-    under test that differ from it, when the cpu extension was built and the instruction set
-    its kernels run at, date, load."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines()
-                  if ln.startswith("flags")), [])
-    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+@functools.cache
+def code_state() -> dict:
+    """What code ran, read once when the session starts (an extension rebuilt later is not the
+    one loaded): git commit, the files of the code under test that differ from it, when the
+    cpu extension was built, the instruction set its kernels run at, the start time."""
     code = ["hatkernels", "csrc", "benchmarks", ":!benchmarks/results"]
     changed = (_git("diff", "--name-only", "HEAD", "--", *code).split()
                + _git("ls-files", "--others", "--exclude-standard", "--", *code).split())
     extension = next(Path(hatkernels.__file__).parent.glob("_C_cpu*"), None)
     built = extension and datetime.fromtimestamp(extension.stat().st_mtime, timezone.utc)
     return {
-        "cpu_model": f"{model} ({isa})", "cores": os.cpu_count(), "torch_threads":
-        torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
         "commit": _git("rev-parse", "--short", "HEAD"),
         "uncommitted": ", ".join(changed) or "none",
         "cpu_extension_built": built.strftime("%Y-%m-%d %H:%M UTC") if built else "not built",
         "cpu_kernels": cpu_isa_report(),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+def machine_info() -> dict:
+    """CPU model and ISA, cores, torch/python versions, the code that ran, the load now."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo.splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    flags = next((ln.split(":", 1)[1].split() for ln in cpuinfo.splitlines()
+                  if ln.startswith("flags")), [])
+    isa = "avx512f" if "avx512f" in flags else "avx2" if "avx2" in flags else "other"
+    return {
+        "cpu_model": f"{model} ({isa})", "cores": os.cpu_count(), "torch_threads":
+        torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+        **code_state(),
+        "written": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "load_average": " ".join(f"{v:.1f}" for v in os.getloadavg()),
     }
 
