@@ -383,14 +383,14 @@ def restore(checkpoint: Checkpoint, model: RetrievalModel, optimizer: torch.opti
     load_weights(checkpoint.folder / "last.safetensors", model)
     path = checkpoint.folder / "state.json"
     tensors = _load_tensors(checkpoint.folder / "state.safetensors")
-    parts = {k: _decode(checkpoint.state[k], tensors, path)
-             for k in ("optimizer", "scheduler", "scaler", "rng")}
     try:
+        parts = {k: _decode(checkpoint.state[k], tensors, path)
+                 for k in ("optimizer", "scheduler", "scaler", "rng")}
         optimizer.load_state_dict(parts["optimizer"])
         scheduler.load_state_dict(parts["scheduler"])
         scaler.load_state_dict(parts["scaler"])
         set_rng_states(parts["rng"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"resume: {path} does not fit this run's optimizer, scheduler or "
                          f"random generators ({type(err).__name__}: {err})") from None
 

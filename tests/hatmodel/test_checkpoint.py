@@ -181,3 +181,18 @@ def test_a_fresh_run_replaces_an_earlier_run(run):
                                                                       "latest.json"]
     assert read_metadata(run / "last.safetensors")[1] == 0
     assert "held an earlier run: removed" in (run / "out.log").read_text()
+
+
+@pytest.mark.parametrize("change", [
+    lambda state: state["optimizer"].update(state=[1, 2]),
+    lambda state: state["rng"].update(numpy={"__array__": [1], "dtype": "nonsense"}),
+    lambda state: state["optimizer"]["state"].update(__items__=[[[1], 2]]),
+    lambda state: state["scheduler"].update(__tensor__="missing"),
+])
+def test_resume_refuses_a_malformed_training_state_and_names_it(run, change):
+    path = run / EPOCH / "state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    _forge(run, f"{EPOCH}/state.json", json.dumps(state).encode())
+    with pytest.raises(ValueError, match=str(path)):
+        _resume(run)
