@@ -126,7 +126,7 @@ class SearchService:
 
     def __init__(self, searchers: dict[str, Searcher]) -> None:
         self.searchers = searchers
-        self.any = next(iter(searchers.values()))
+        self.primary = next(iter(searchers.values()))  # its model explains and reads uploads
         images = searchers.get("images")
         # (split, image index in the split) -> position in the image index: a split caption's
         # image, when a split image index of the same split is loaded
@@ -144,13 +144,13 @@ class SearchService:
 
     @property
     def is_teran(self) -> bool:
-        return isinstance(self.any.model, TERAN)
+        return isinstance(self.primary.model, TERAN)
 
     def info(self) -> dict[str, Any]:
         sides = {KIND[side]: {"count": len(s.items), "source": s.info["source"].get("kind"),
                               "split": s.info["source"].get("split")}
                  for side, s in self.searchers.items()}
-        return {"model": type(self.any.model).__name__, "indexes": sides,
+        return {"model": type(self.primary.model).__name__, "indexes": sides,
                 "text_queries": "images" in self.searchers,
                 "image_queries": "texts" in self.searchers and not self.is_teran,
                 "limits": {"k": MAX_K, "text_chars": MAX_TEXT_CHARS,
@@ -185,7 +185,7 @@ class SearchService:
         if self.is_teran:
             raise RequestError(400, "file: this TERAN model reads region features; image "
                                "queries need a HAT model")
-        return hat_image(self.any.cfg, read_image(data))
+        return hat_image(self.primary.cfg, read_image(data))
 
     def search_image(self, data: bytes, k: int) -> list[dict[str, Any]]:
         """The ``k`` best captions of the caption index for an uploaded image file."""
@@ -264,7 +264,7 @@ class SearchService:
             picture, boxes = display_picture(picture), None
         with self.model_lock:
             try:
-                result = alignment(self.any.model, self.any.tokenizer, tensor, text, level)
+                result = alignment(self.primary.model, self.primary.tokenizer, tensor, text, level)
             except ValueError as err:
                 raise RequestError(400, str(err)) from None
         with self._draw_lock:
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     service = SearchService.load(args.index, args.checkpoint, args.overrides)
-    threads = args.threads or int(service.any.cfg["train"]["threads"])
+    threads = args.threads or int(service.primary.cfg["train"]["threads"])
     if threads > 0:
         torch.set_num_threads(threads)
     info = service.info()
