@@ -221,7 +221,7 @@ class NpzRegions(_RegionData):
         """Features, pixel boxes, width and height of image ``index``, all checked."""
         path = self.files[index]
         try:
-            with np.load(path) as f:
+            with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in ("features", "boxes", "image_w", "image_h")}
         except KeyError as err:
             raise ValueError(f"regions: {path}: missing array {err}; expected features, boxes, "
@@ -274,7 +274,7 @@ class ScanRegions(_RegionData):
             if not path.is_file():
                 raise ValueError(f"regions: {path}: no such file (SCAN-style precomputed split)")
         try:
-            self.features = np.load(ims, mmap_mode="r")
+            self.features = np.load(ims, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise ValueError(f"regions: {ims}: not a readable .npy array ({err})") from None
         if self.features.ndim != 3 or self.features.shape[2] != feature_dim:

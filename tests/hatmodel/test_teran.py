@@ -271,6 +271,33 @@ def test_npz_missing_file_and_missing_key(tmp_path):
         NpzRegions(json_path, folder, "test", FEAT, 8).image(1)
 
 
+class _Payload:
+    """Unpickling this creates ``marker`` (as any code in a crafted pickle could)."""
+
+    def __init__(self, marker) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_region_files_holding_pickles_are_refused_unread(tmp_path):
+    """npz and npy files may hold pickled objects; region files are read without pickle."""
+    marker = tmp_path / "marker"
+    payload = np.array([_Payload(marker)], dtype=object)
+    json_path = _karpathy(tmp_path, n=1)
+    folder = tmp_path / "regions"
+    folder.mkdir()
+    _write_npz(folder, 0, features=payload)
+    with pytest.raises(ValueError, match=r"img0\.npz: not a readable .npz file"):
+        NpzRegions(json_path, folder, "test", FEAT, 8).image(0)
+    np.save(folder / "test_ims.npy", payload)
+    (folder / "test_caps.txt").write_text("a\n" * 5)
+    with pytest.raises(ValueError, match=r"test_ims\.npy: not a readable .npy array"):
+        ScanRegions(folder, "test", FEAT)
+    assert not marker.exists()
+
+
 def test_scan_regions(tmp_path):
     rng = np.random.default_rng(0)
     ims = rng.standard_normal((3, 36, FEAT)).astype(np.float32)
