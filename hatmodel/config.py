@@ -28,12 +28,12 @@ from hatkernels.dispatch import BACKEND_NAMES
 
 from .data import KINDS, SAMPLES
 from .data.regions import FORMATS
-from .evaluate import PROTOCOLS
 from .losses import LOSSES
 from .models import MODELS
 from .runtime import SCHEDULES
 
 DEFAULT_CONFIG = "hat_scenes"
+PROTOCOLS = ("1k", "5k")  # COCO 1K: five folds of 1,000 images; 5K: all at once
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 # The default run (``python -m hatmodel.train``): a small HAT trained from scratch on the

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from .config import PROTOCOLS
 from .data import image_loader
 from .models import RetrievalModel, Tokens
 from .runtime import amp_autocast, pick_device
 from .store_eval import init_distributed, score_with_store, wants_store
 
-PROTOCOLS = ("1k", "5k")  # COCO 1K: five folds of 1,000 images; 5K: all at once
 METRIC_KEYS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
                "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr")
 
