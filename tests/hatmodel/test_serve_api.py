@@ -263,6 +263,36 @@ def test_index_of_another_model_is_refused(run, tmp_path):
         SearchService.load([run[1], run[1]], run[0])
 
 
+def test_folder_and_caption_file_indexes(run, direct, tmp_path):
+    """Indexes of an image folder and of a caption file: hits are named by file and line,
+    pictures come from the files the index recorded, captions have no image."""
+    _, cfg, _, _, _ = direct
+    data = build_dataset(cfg, "test")
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for i in (3, 1, 4):
+        Image.fromarray(data.pixels[i].permute(1, 2, 0).numpy()).save(folder / f"scene{i}.png")
+    (tmp_path / "captions.txt").write_text("a red circle\n\na blue square at the top\n")
+    build_index(run[0], tmp_path / "images", "images", images=folder, progress=False)
+    build_index(run[0], tmp_path / "texts", "texts", captions=tmp_path / "captions.txt",
+                progress=False)
+    service = SearchService.load([tmp_path / "images", tmp_path / "texts"], run[0])
+    with TestClient(create_app(service)) as c:
+        hits = c.get("/api/search", params={"text": QUERIES[0], "k": 3}).json()["hits"]
+        assert sorted(h["name"] for h in hits) == ["scene1.png", "scene3.png", "scene4.png"]
+        assert all("caption" not in h for h in hits)
+        n = [h["name"] for h in hits].index("scene4.png")
+        png = c.get(f"/api/item/{hits[n]['id']}").content
+        with Image.open(io.BytesIO(png)) as img:  # scene 4, scaled up from its file
+            small = np.array(img.convert("RGB").resize((32, 32), Image.NEAREST))
+        assert torch.equal(torch.from_numpy(small).permute(2, 0, 1), data.pixels[4])
+        r = c.get("/api/explain", params={"text": QUERIES[0], "id": hits[n]["id"]})
+        assert r.status_code == 200 and r.content.startswith(b"\x89PNG")
+        r = c.post("/api/search", files={"file": ("a.png", png, "image/png")}, data={"k": 2})
+        assert sorted((h["name"], h["text"], h["image"]) for h in r.json()["hits"]) == [
+            ("0", "a red circle", None), ("1", "a blue square at the top", None)]
+
+
 def test_teran_serves_captions_and_region_pictures(tmp_path):
     """A TERAN model: caption queries and region pictures work; image queries are a 400."""
     from test_visualize import TERAN
