@@ -180,7 +180,7 @@ def format_metrics(m: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    from .checkpoint import load_for_eval
+    from .checkpoint import load_for_eval, write_text
     from .data import build_dataset, build_tokenizer
 
     p = argparse.ArgumentParser(prog="python -m hatmodel.evaluate", description=__doc__,
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             return metrics
     print(f"{args.split} ({protocol}, {dataset.n_images} images): {format_metrics(metrics)}")
     out = Path(args.out) if args.out else path.parent / f"metrics_{args.split}_{protocol}.json"
-    out.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(out, json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {out}")
     return metrics
 
