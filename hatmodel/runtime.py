@@ -31,7 +31,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def amp_autocast(device: torch.device, amp: bool):
+def amp_autocast(device: torch.device, amp: bool) -> torch.autocast:
     """Mixed precision on GPU when ``amp`` (bfloat16 where supported, else float16); a no-op
     on CPU, so CPU runs stay in float32 and reproducible."""
     if amp and device.type == "cuda":
