@@ -25,7 +25,9 @@ async function loadInfo() {
   const indexes = Object.entries(info.indexes).map(([kind, index]) =>
     `${index.count} ${kind}s` + (index.split ? ` (${index.split} split)` : ""));
   $("info").textContent = `${info.model}: ${indexes.join(", ")}`;
-  $("k").max = info.limits.k;
+  const kMax = Math.min(info.limits.k, ...Object.values(info.indexes).map((i) => i.count));
+  $("k").max = kMax;
+  $("k").value = Math.min(Number($("k").value), kMax);
   $("text").maxLength = info.limits.text_chars;
   if (!info.text_queries) $("text-form").hidden = true;
   if (!info.image_queries) $("drop").hidden = true;
