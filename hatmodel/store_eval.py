@@ -2,12 +2,13 @@
 
 Each side is encoded batch by batch into a :class:`hatkernels.TokenStore` (float32, so the
 scores are those of the in-memory evaluation), then the score matrix is filled one block of
-image rows at a time (the blocks of ``hatmodel.evaluate.score_matrix``), each block scored
-against the captions one chunk at a time (as many as fit in half the memory budget). Host
-memory holds the ``[n_images, n_captions]`` float32 score matrix (the metrics' input), one
-block of image tokens and one chunk of captions, instead of every token of the split. When
-the captions fit in one chunk, every ``model.score`` call is the in-memory evaluation's, so
-the matrix is bit-identical to it; the chunks never depend on the number of ranks.
+image rows at a time (the blocks of ``hatmodel.evaluate.score_matrix``, made smaller when
+their tokens would exceed half the memory budget), each block scored against the captions
+one chunk at a time (as many as fit in half the memory budget). Host memory holds the
+``[n_images, n_captions]`` float32 score matrix (the metrics' input), one block of image
+tokens and one chunk of captions, instead of every token of the split. When each side fits
+in half the budget, every ``model.score`` call is the in-memory evaluation's, so the matrix
+is bit-identical to it; the blocks and chunks never depend on the number of ranks.
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) every rank encodes its own contiguous run of whole
 batches (the batches of the one-process run) into its own part of the store folder, which
@@ -143,8 +144,9 @@ def score_from_store(model: RetrievalModel, folder: Path, device: torch.device, 
     rank, world = _rank_world(group)
     images, texts = _parts(folder, "images", world), _parts(folder, "texts", world)
     n_img, n_cap = sum(len(p) for p in images), sum(len(p) for p in texts)
-    rows = max(1, min(n_img, memory_budget // max(1, 4 * n_cap)))
+    image_bytes = sum(t * d * 4 for t, d in images[0].levels)
     caption_bytes = sum(t * d * 4 for t, d in texts[0].levels)
+    rows = max(1, min(n_img, memory_budget // max(1, 4 * n_cap), memory_budget // 2 // image_bytes))
     cols = max(1, min(n_cap, memory_budget // 2 // caption_bytes))
     starts = list(range(0, n_img, rows))
     mine = starts[rank::world]

@@ -1,0 +1,94 @@
+"""Host memory of evaluation in memory vs through token stores, with a paper-size HAT
+(Swin-B at 224 px, BERT-base, three levels of 768 dims: ``hat_coco`` with random weights, no
+pretrained files) on generated scenes rendered at 224 px.
+
+``python benchmarks/topk_eval_memory.py [N_IMAGES ...]`` runs, for each set size, both ways in
+a fresh process each and records the added peak RSS of the evaluation (Linux ``VmHWM`` after
+``clear_refs``, over the RSS once the model is built), per image (with its five captions).
+Writes ``benchmarks/results/topk_eval_memory.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MIB = 1 << 20
+OVERRIDES = ["model.image.checkpoint=null", "model.text.pretrained=null", "model.text.config={}",
+             "data.kind=scenes", "data.root=null", "data.json=null", "data.image_size=224",
+             "eval.batch_size=8", "train.amp=false"]
+BUDGET = 64 * MIB  # eval.memory_budget of both ways
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def child(n_images: int, way: str) -> dict:
+    import torch
+
+    from hatmodel.config import load_config
+    from hatmodel.data import build_dataset, build_tokenizer
+    from hatmodel.evaluate import evaluate_model
+    from hatmodel.models import build_model
+
+    torch.manual_seed(0)
+    cfg = load_config("hat_coco", OVERRIDES + [f"data.scenes.test_images={n_images}"])
+    tokenizer = build_tokenizer(cfg)
+    model = build_model(cfg, tokenizer.vocab_size).eval()
+    dataset = build_dataset(cfg, "test")
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _status("VmRSS")
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as folder:
+        metrics, sims = evaluate_model(
+            model, dataset, tokenizer, torch.device("cpu"), batch_size=8,
+            memory_budget=BUDGET, progress=False,
+            store=f"{folder}/store" if way == "store" else None)
+    return {"n_images": n_images, "way": way, "seconds": time.perf_counter() - start,
+            "added_peak_mib": (_status("VmHWM") - before) / MIB,
+            "rss_before_mib": before / MIB, "rsum": metrics["rsum"],
+            "sims_sum": float(sims.double().sum())}
+
+
+def main(sizes: list[int]) -> None:
+    rows = []
+    for n in sizes:
+        for way in ("memory", "store"):
+            proc = subprocess.run([sys.executable, __file__, "--child", str(n), way],
+                                  capture_output=True, text=True, check=False,
+                                  env={**os.environ})
+            if proc.returncode:
+                raise RuntimeError(proc.stderr[-3000:])
+            row = json.loads(proc.stdout.splitlines()[-1])
+            row["per_image_mib"] = row["added_peak_mib"] / n
+            rows.append(row)
+            print(row, flush=True)
+    lines = ["# Evaluation memory: in memory vs token stores (paper-size HAT, random weights)",
+             "", f"Command: `python benchmarks/topk_eval_memory.py {' '.join(map(str, sizes))}`"
+             f" (hat_coco with {' '.join(OVERRIDES)}; eval.memory_budget {BUDGET // MIB} MiB; "
+             f"torch threads {os.cpu_count()} cores)", "",
+             "| images | captions | way | added peak MiB | per image MiB | seconds | rsum |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['n_images']} | {5 * r['n_images']} | {r['way']} | "
+              f"{r['added_peak_mib']:.0f} | {r['per_image_mib']:.2f} | {r['seconds']:.0f} | "
+              f"{r['rsum']:.1f} |" for r in rows]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "topk_eval_memory.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / "topk_eval_memory.json").write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(child(int(sys.argv[2]), sys.argv[3])))
+    else:
+        main([int(a) for a in sys.argv[1:]] or [16, 48])
