@@ -378,8 +378,9 @@ def create_app(service: SearchService) -> FastAPI:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m hatmodel.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("index", nargs="+", help="index folders made by the checkpoint "
-                   "(python -m hatmodel.index): an image index, a caption index, or both")
+    p.add_argument("paths", nargs="+", metavar="INDEX_DIR [key.sub=value ...]",
+                   help="index folders made by the checkpoint (python -m hatmodel.index: an "
+                   "image index, a caption index, or both), then config overrides")
     p.add_argument("--checkpoint", required=True,
                    help="a run folder (uses best.safetensors) or a checkpoint file")
     p.add_argument("--host", default="127.0.0.1",
@@ -387,11 +388,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, default=8000, help="default %(default)s")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads (0: the config's train.threads, else torch's default)")
-    p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = p.parse_intermixed_args(argv)
     import uvicorn
 
-    service = SearchService.load(args.index, args.checkpoint, args.overrides)
+    # key.sub=value is an override unless a folder of that name exists
+    overrides = [a for a in args.paths if "=" in a and not Path(a).is_dir()]
+    indexes = [a for a in args.paths if a not in overrides]
+    try:
+        service = SearchService.load(indexes, args.checkpoint, overrides)
+    except ValueError as err:
+        p.error(str(err))
     threads = args.threads or int(service.primary.cfg["train"]["threads"])
     if threads > 0:
         torch.set_num_threads(threads)

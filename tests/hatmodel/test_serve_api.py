@@ -25,6 +25,7 @@ from PIL import Image
 
 from hatkernels import TokenStore, hier_topk
 from hatmodel import checkpoint as ckpt
+from hatmodel import serve as serve_cli
 from hatmodel import train as train_cli
 from hatmodel.checkpoint import load_for_eval
 from hatmodel.config import load_config
@@ -314,6 +315,19 @@ def test_teran_serves_captions_and_region_pictures(tmp_path):
         assert r.status_code == 400 and "TERAN" in r.json()["detail"]
         info = c.get("/api/info").json()
         assert info["model"] == "TERAN" and not info["image_queries"]
+
+
+def test_cli_errors_name_the_argument(run, tmp_path, capsys):
+    for argv, message in (
+        ([str(tmp_path), "--checkpoint", str(run[0])], "index: "),
+        ([str(run[1]), "--checkpoint", str(run[0]), "data.bogus=1"], "data.bogus: "),
+        (["data.image_size=64", "--checkpoint", str(run[0])], "index: give at least one"),
+        ([str(run[1]), "--checkpoint", str(tmp_path)], "checkpoint: "),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            serve_cli.main(argv)
+        assert exit_info.value.code == 2
+        assert f"error: {message}" in capsys.readouterr().err
 
 
 def _free_port() -> int:
