@@ -11,8 +11,8 @@ Not naive:
   Gram matrix ``G`` of the attended side (one per caption or image, not per pair).
 
 Blocks are sized so that their intermediates stay under ``memory_budget`` bytes. The
-backward recomputes each block under autograd (as activation checkpointing does) and adds
-its gradients, so it needs no more memory than the forward.
+backward recomputes each block and differentiates it (``torch.func.vjp``, as activation
+checkpointing does) and adds its gradients, so it needs no more memory than the forward.
 """
 
 from __future__ import annotations
@@ -150,18 +150,18 @@ def _forward(block: BlockFn, images, texts, vl, tl, bi: int, bt: int) -> Tensor:
 
 
 def _backward(block: BlockFn, grad, images, texts, vl, tl, bi: int, bt: int):
-    """Recompute each block under autograd and accumulate its input gradients."""
+    """Recompute each block and accumulate its input gradients (``torch.func.vjp``: it works
+    where the custom op runs, below the autograd dispatch key)."""
     gi = torch.zeros(images.shape, dtype=output_dtype(images.dtype), device=images.device)
     gt = torch.zeros(texts.shape, dtype=output_dtype(texts.dtype), device=texts.device)
-    with torch.enable_grad():
-        for i0 in range(0, images.shape[0], bi):
-            for j0 in range(0, texts.shape[0], bt):
-                v = images[i0 : i0 + bi].detach().requires_grad_(True)
-                t = texts[j0 : j0 + bt].detach().requires_grad_(True)
-                scores = block(v, t, vl[i0 : i0 + bi], tl[j0 : j0 + bt])
-                dv, dt = torch.autograd.grad(scores, (v, t), grad[i0 : i0 + bi, j0 : j0 + bt])
-                gi[i0 : i0 + bi] += dv
-                gt[j0 : j0 + bt] += dt
+    for i0 in range(0, images.shape[0], bi):
+        for j0 in range(0, texts.shape[0], bt):
+            lengths = vl[i0 : i0 + bi], tl[j0 : j0 + bt]
+            _, vjp = torch.func.vjp(lambda v, t, lengths=lengths: block(v, t, *lengths),
+                                    images[i0 : i0 + bi], texts[j0 : j0 + bt])  # fmt: skip
+            dv, dt = vjp(grad[i0 : i0 + bi, j0 : j0 + bt])
+            gi[i0 : i0 + bi] += dv
+            gt[j0 : j0 + bt] += dt
     return gi.to(images.dtype), gt.to(texts.dtype)
 
 

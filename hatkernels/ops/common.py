@@ -1,5 +1,7 @@
 """What both alignment ops do around a backend's kernels: length checks, empty batches and
-the rule for non-finite tokens, forward and backward, the same for every backend.
+the rule for non-finite tokens, forward and backward, the same for every backend; and their
+registration (fake implementations for shapes, autograd through the backward op), so that
+``torch.compile(fullgraph=True)`` traces through ``hier_align`` without graph breaks.
 
 Non-finite tokens: a NaN or Inf in a valid token makes exactly the scores of the pairs that
 contain its item NaN, and, in the backward, the gradients of the valid tokens of both items of
@@ -12,11 +14,11 @@ to NaN afterwards. Padding is never part of this: it is never read.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import replace
 
 import torch
 from torch import Tensor
+from torch.library import CustomOpDef
 
 from hatkernels.backends import get_backend
 from hatkernels.backends.base import output_dtype
@@ -100,55 +102,19 @@ def _nan_rows(g: Tensor, lengths: Tensor, items: Tensor) -> Tensor:
     return g.masked_fill(rows[..., None], float("nan"))
 
 
-def fake_scores(images: Tensor, texts: Tensor) -> Tensor:
+def fake_scores(images: Tensor, texts: Tensor, *settings) -> Tensor:
     """The forward's output for shapes only (also the empty result of an empty batch)."""
     return images.new_empty((images.shape[0], texts.shape[0]), dtype=output_dtype(images.dtype))
 
 
-def register_alignment_op(pooling: str, extra_schema: str) -> Callable[..., Tensor]:
-    """Define ``hatkernels::{pooling}_align`` and its backward op; returns the forward op.
+def fake_grads(grad: Tensor, images: Tensor, texts: Tensor, *settings) -> tuple[Tensor, Tensor]:
+    """The backward's outputs for shapes only."""
+    return torch.empty_like(images), torch.empty_like(texts)
 
-    Arguments: ``(images, texts, image_lengths, text_lengths, direction, reduce,
-    {extra_schema}backend, memory_budget)``, where ``extra_schema`` holds the pooling's own
-    ones (``"float lambda_softmax, "`` for scan). Both ops get a fake implementation for
-    shapes, and autograd is registered on the forward op, so ``torch.compile(fullgraph=True)``
-    traces through ``hier_align`` without graph breaks. (The backward op is not a
-    ``custom_op``: those run below autograd, and the torch backend's backward recomputes
-    blocks under autograd.)
-    """
-    name = f"{pooling}_align"
-    common = "Tensor image_lengths, Tensor text_lengths, str direction, str reduce, "
-    args = f"Tensor images, Tensor texts, {common}{extra_schema}str backend, int memory_budget"
-    lib = torch.library
 
-    def inputs(images, texts, image_lengths, text_lengths, direction, reduce, *rest):
-        *lam, backend, budget = rest
-        lam = float(lam[0]) if lam else 0.0
-        return AlignInputs(images, texts, image_lengths, text_lengths, pooling, direction,
-                           reduce, lam, budget), backend  # fmt: skip
-
-    def forward_impl(*args):
-        return forward(*inputs(*args))
-
-    def backward_impl(grad, *args):
-        inp, backend = inputs(*args)
-        return backward(grad, inp, backend)
-
-    def forward_fake(images, texts, *args):
-        return fake_scores(images, texts)
-
-    def backward_fake(grad, images, texts, *args):
-        return torch.empty_like(images), torch.empty_like(texts)
-
-    lib.define(f"hatkernels::{name}", f"({args}) -> Tensor")
-    lib.impl(f"hatkernels::{name}", "CompositeExplicitAutograd", forward_impl)
-    lib.register_fake(f"hatkernels::{name}", forward_fake)
-    lib.define(f"hatkernels::{name}_backward", f"(Tensor grad, {args}) -> (Tensor, Tensor)")
-    lib.impl(f"hatkernels::{name}_backward", "CompositeExplicitAutograd", backward_impl)
-    lib.register_fake(f"hatkernels::{name}_backward", backward_fake)
-
-    forward_op = getattr(torch.ops.hatkernels, name).default
-    backward_op = getattr(torch.ops.hatkernels, f"{name}_backward").default
+def register_autograd(op: CustomOpDef, backward_op: CustomOpDef) -> None:
+    """Autograd of ``op`` (arguments: images, texts, image_lengths, text_lengths, then its
+    settings) through ``backward_op`` (``grad`` first, then the same arguments)."""
 
     def setup_context(ctx, inputs, output):
         images, texts, image_lengths, text_lengths, *settings = inputs
@@ -159,5 +125,6 @@ def register_alignment_op(pooling: str, extra_schema: str) -> Callable[..., Tens
         gi, gt = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
         return (gi, gt) + (None,) * (2 + len(ctx.settings))
 
-    lib.register_autograd(f"hatkernels::{name}", backward_fn, setup_context=setup_context)
-    return forward_op
+    op.register_fake(fake_scores)
+    backward_op.register_fake(fake_grads)
+    op.register_autograd(backward_fn, setup_context=setup_context)
