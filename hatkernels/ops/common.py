@@ -41,34 +41,40 @@ def _valid(lengths: Tensor, size: int) -> Tensor:
     return torch.arange(size, device=lengths.device) < lengths[:, None]
 
 
-def _nonfinite_tokens(x: Tensor, lengths: Tensor) -> Tensor:
-    """``[B, L]``: valid tokens holding a NaN or an Inf. A row sum over ``D`` (float32, or
-    float64 for float64 inputs) is non-finite when the row is; rows whose sum overflowed from
-    finite values are told apart by an exact check of those rows only."""
+def _nonfinite_items(x: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The valid tokens holding a NaN or an Inf (``[B, L]``) and the items holding one
+    (``[B]``), or None when there is none (the common case: one pass over ``x``, one sync).
+
+    A row sum over ``D`` (float32, or float64 for float64 inputs) is non-finite when the row
+    is; rows whose sum overflowed from finite values are told apart by an exact check of
+    those rows only."""
     suspect = ~torch.isfinite(x.sum(-1, dtype=output_dtype(x.dtype))) & _valid(
         lengths, x.shape[1]
     )
     if not bool(suspect.any()):
-        return suspect
-    bad = suspect.clone()
-    bad[suspect] = ~torch.isfinite(x[suspect]).all(-1)
-    return bad
+        return None
+    tokens = suspect.clone()
+    tokens[suspect] = ~torch.isfinite(x[suspect]).all(-1)
+    items = tokens.any(1)
+    return (tokens, items) if bool(items.any()) else None
 
 
 def _finite(inp: AlignInputs) -> tuple[AlignInputs, Tensor | None, Tensor | None]:
     """``inp`` with non-finite valid tokens replaced by zeros, and which images and captions
     held one (``[Bi]``, ``[Bt]``; both None when every valid token is finite)."""
-    bad_v = _nonfinite_tokens(inp.images, inp.image_lengths)
-    bad_t = _nonfinite_tokens(inp.texts, inp.text_lengths)
-    if not (bool(bad_v.any()) or bool(bad_t.any())):
+    bad_v = _nonfinite_items(inp.images, inp.image_lengths)
+    bad_t = _nonfinite_items(inp.texts, inp.text_lengths)
+    if bad_v is None and bad_t is None:
         return inp, None, None
     zero = torch.zeros((), dtype=inp.dtype, device=inp.device)
-    clean = replace(
-        inp,
-        images=torch.where(bad_v[..., None], zero, inp.images),
-        texts=torch.where(bad_t[..., None], zero, inp.texts),
-    )
-    return clean, bad_v.any(1), bad_t.any(1)
+    sides = []
+    for x, bad in ((inp.images, bad_v), (inp.texts, bad_t)):
+        if bad is None:
+            sides.append((x, torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)))
+        else:
+            sides.append((torch.where(bad[0][..., None], zero, x), bad[1]))
+    (images, items_v), (texts, items_t) = sides
+    return replace(inp, images=images, texts=texts), items_v, items_t
 
 
 def forward(inp: AlignInputs, backend: str) -> Tensor:

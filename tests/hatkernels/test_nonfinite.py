@@ -158,3 +158,15 @@ def test_triton_scan_kernel_keeps_a_nan_caption_to_itself():
     others = torch.arange(5) != BAD_ITEM
     assert torch.isnan(out[:, BAD_ITEM]).all()
     assert torch.equal(out[:, others], ok[:, others])
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_finite_token_whose_row_sum_overflows_is_not_poisoned(backend):
+    """A token of huge but finite values (its float32 sum over D overflows) is finite: its
+    pairs are scored, not set to NaN."""
+    images = torch.full((2, 3, 4), 3e38)
+    texts = torch.rand(3, 2, 4, generator=torch.Generator().manual_seed(6)) * 1e-30
+    out = hier_align(images, texts, backend=backend)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, hier_align(images.double(), texts.double(),
+                                               backend="torch").float())  # fmt: skip
