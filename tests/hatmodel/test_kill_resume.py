@@ -79,13 +79,17 @@ for i, (target, nth) in enumerate(chain):
 
 # (file whose write is killed, which write of it in that process, epoch committed after it)
 CHAIN = [
+    ("config.yaml", 1, None),        # the first thing a run writes
     ("last.safetensors", 1, None),   # epoch 0's weights: nothing committed yet
+    ("best.safetensors", 1, None),   # epoch 0's best (a link inside its folder)
     ("latest.json", 1, None),        # the commit point of epoch 0 itself
     ("best.safetensors", 2, 0),      # after the commit: publishing best.safetensors
     ("state.safetensors", 1, 0),     # epoch 1's optimizer tensors
     ("state.json", 1, 0),            # epoch 1's training state
     ("manifest.json", 1, 0),         # epoch 1's manifest
-    ("history.json", 1, 1),          # after epoch 1's commit
+    ("last.safetensors", 2, 1),      # after epoch 1's commit: publishing last.safetensors
+    ("history.json", 1, 1),          # history.json, rewritten from the committed state
+    ("curves.png", 1, 1),            # the training curves
     ("metrics.json", 1, 1),          # the final test's output
 ]
 
@@ -112,7 +116,7 @@ def test_sigkill_in_every_checkpoint_write_then_resume_ends_like_an_uninterrupte
         assert step["signal"] == signal.SIGKILL, step
         assert step["committed"] == committed, step
     # The half-written weights of epoch 0 stay behind until the next run tidies up.
-    assert any(name.startswith(".last.safetensors.") for name in steps[0]["tmp"])
+    assert any(name.startswith(".last.safetensors.") for name in steps[1]["tmp"])
     resumed = train_cli.main([*ARGS, "--output-dir", str(run), "--resume"])
 
     assert resumed == whole
