@@ -292,11 +292,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m hatmodel.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="a YAML file or the name of a packaged config (hat_scenes, hat_coco, "
-                        "hat_f30k); default %(default)s")
+                   help="a YAML file, or the bare name of a packaged config (hat_scenes, "
+                        "hat_coco, hat_f30k, hat_tiny, teran_default, teran_coco, teran_f30k); "
+                        "default %(default)s")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<config>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --output-dir from its last checkpoint")
+                   help="continue the run in --output-dir from its last committed epoch "
+                        "(from the beginning when none has committed yet)")
     p.add_argument("--seed", type=int, default=None, help="overrides the config's seed")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
