@@ -39,6 +39,7 @@ from . import distributed
 from .config import (
     DEFAULT_CONFIG,
     config_path,
+    list_configs,
     load_config,
     merge_config,
     resume_differences,
@@ -292,9 +293,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(prog="python -m hatmodel.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG,
-                   help="a YAML file, or the bare name of a packaged config (hat_scenes, "
-                        "hat_coco, hat_f30k, hat_tiny, teran_default, teran_coco, teran_f30k); "
-                        "default %(default)s")
+                   help="a YAML file, or the bare name of a packaged config ("
+                        f"{', '.join(list_configs())}); default %(default)s")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<config>)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --output-dir from its last committed epoch "
