@@ -1,4 +1,6 @@
-// Fused max pooling on CPU (SPEC 1.1): plain launchers, raw pointers and sizes, no torch.
+// Fused max pooling on CPU (max over the other side's tokens, then sum or mean): the public
+// launchers, which run the instruction-set level chosen at run time (isa.h): raw pointers
+// and sizes, no torch.
 #pragma once
 #include "cpu/common.h"
 

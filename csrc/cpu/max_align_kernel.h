@@ -1,4 +1,4 @@
-// Fused max pooling on CPU (SPEC 1.1), forward and backward.
+// Fused max pooling on CPU, forward and backward (one instruction-set level: isa.h).
 //
 // Tiling. Only valid tokens are ever read or multiplied: images are grouped into runs of
 // whole images of at most kTileRows tokens, captions into runs of whole captions of at most

@@ -1,4 +1,6 @@
-// Fused HAT scan pooling on CPU (SPEC 1.2): plain launchers, raw pointers and sizes, no torch.
+// Fused HAT scan pooling on CPU (SCAN-style cross-attention, cosine, sum or mean): the public
+// launchers, which run the instruction-set level chosen at run time (isa.h): raw pointers
+// and sizes, no torch.
 #pragma once
 #include "cpu/common.h"
 

@@ -1,4 +1,4 @@
-// Fused HAT scan pooling on CPU (SPEC 1.2), forward and backward.
+// Fused HAT scan pooling on CPU, forward and backward (one instruction-set level: isa.h).
 //
 // Algorithm. Each side's valid tokens are packed into [sum of lengths, Dp] rows (Dp = D
 // rounded up to 16, zero-filled), with their norms; padding is never read. The attended

@@ -183,6 +183,16 @@ inline void pair_backward(float* P, int64_t p, int64_t q, int64_t qp, const floa
     const float den = nrm + kEps;
     tden[c] = nrm > 0.f ? -lam * tden[c] / (den * den) / nrm : 0.f;
   }
+  // One row (a one-word caption in t2i, a one-token image in i2t): b = a / (|a| + eps) has
+  // the derivative eps / den^2, which the general form above reaches only as the difference
+  // of two terms lambda dz / den that cancel, leaving their rounding error (up to
+  // ~1e-7 lambda |dz| / |a|) in place of a tiny exact value. Use it directly.
+  if (p == 1) {
+    for (int64_t c = 0; c < qp; ++c) {
+      s.work[c] *= kEps / (std::sqrt(sumsq[c]) + kEps);
+      tden[c] = 0.f;
+    }
+  }
   // The attended side's term: dacc[k, :] += sum_r wrow[r] alpha[r, k] right[r, :].
   if (att.gram) {
     small_gemm<true>(q, qp, s.alpha, 1, qp, wrow, p, s.alpha, qp, dacc, dacc_ld, true);

@@ -39,7 +39,7 @@ SHAPES = {
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_against_float64_reference(shape, direction, reduce):
     n_images, n_texts, levels = SHAPES[shape]
-    # Unit tokens at D = 1 are all +-1, which would build ties (SPEC 1.1): raw Gaussians.
+    # Unit tokens at D = 1 are all +-1, which would build ties: raw Gaussians.
     case = make_case(3, n_images, n_texts, levels, normalise=shape != "odd_d")
     check_against_reference(case, "cpu", torch.float32, pooling="max", direction=direction,
                             reduce=reduce)
