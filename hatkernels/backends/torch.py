@@ -178,6 +178,11 @@ class TorchBackend(Backend):
     device_types = ("cpu", "cuda", "mps", "xpu")
     dtypes = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+    def device_unsupported_reason(self, device: torch.device) -> str | None:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+
     def _run(self, block: BlockFn, bytes_per_element: int, inp: AlignInputs,
              grad: Tensor | None = None):  # fmt: skip
         """The forward (``grad`` None) or the recomputing backward of ``block`` over blocks."""

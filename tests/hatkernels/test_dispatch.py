@@ -33,7 +33,7 @@ def test_available_backends_cuda_lists_gpu_backends_only_with_a_gpu():
     names = hatkernels.available_backends(torch.device("cuda"))
     assert names == [n for n in dispatch.PREFERENCE["cuda"] if n in names]
     reasons = dispatch.not_supported_reasons(torch.device("cuda"), torch.float32, ())
-    for name in ("triton", "cuda"):
+    for name in ("triton", "cuda", "torch"):
         assert (name in names) == (not reasons[name])
         if not torch.cuda.is_available():
             assert any("CUDA is not available" in r for r in reasons[name])
