@@ -32,7 +32,14 @@ from hatmodel.config import load_config
 from hatmodel.data import build_dataset, build_tokenizer
 from hatmodel.index import build_index
 from hatmodel.models import build_model
-from hatmodel.serve import MAX_BODY_BYTES, MAX_K, MAX_TEXT_CHARS, SearchService, create_app
+from hatmodel.serve import (
+    MAX_BODY_BYTES,
+    MAX_K,
+    MAX_TEXT_CHARS,
+    FifoLock,
+    SearchService,
+    create_app,
+)
 from hatmodel.visualize import hat_image
 
 QUERIES = ["a large red circle and a small blue square", "there is a green cross at the top"]
@@ -241,6 +248,36 @@ def test_requests_are_served_while_the_model_is_busy(client, service):
         assert not item.is_alive() and results["item"].status_code == 200
     search.join(timeout=60)
     assert results["search"].status_code == 200
+
+
+def _wait_for_tickets(lock: FifoLock, count: int) -> None:
+    deadline = time.monotonic() + 20
+    while lock._next < count:
+        assert time.monotonic() < deadline, "a thread never asked for the lock"
+        time.sleep(0.001)
+
+
+def test_model_lock_is_granted_in_arrival_order():
+    """Waiting threads get the lock in the order they asked, and a thread that releases it
+    and asks again at once waits behind them (``threading.Lock`` would let it straight
+    back in)."""
+    lock, order = FifoLock(), []
+
+    def take(name: str) -> None:
+        with lock:
+            order.append(name)
+
+    threads = []
+    with lock:
+        for i in range(4):
+            threads.append(threading.Thread(target=take, args=(f"waiter {i}",)))
+            threads[-1].start()
+            _wait_for_tickets(lock, i + 2)  # the main thread holds ticket 0
+    with lock:  # released and asked for again at once
+        order.append("releaser")
+    for t in threads:
+        t.join(timeout=20)
+    assert order == [f"waiter {i}" for i in range(4)] + ["releaser"]
 
 
 def test_one_index_serves_its_side_only(run):
