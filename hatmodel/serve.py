@@ -96,9 +96,9 @@ def check_text(text: str | None, name: str = "text") -> str:
 
 
 class FifoLock:
-    """A lock granted in the order it was asked for. ``threading.Lock`` lets a thread that
-    just released it take it again ahead of the waiting ones, so under concurrent queries some
-    wait many turns (measured: p95 latency 4.5x the median); here each waits its turn."""
+    """A lock granted in the order it was asked for, so no query waits more turns than there
+    were queries before it. (``threading.Lock`` makes no such promise: a thread that releases
+    it and asks again at once usually gets it back ahead of the waiting ones.)"""
 
     def __init__(self) -> None:
         self._turns = threading.Condition()
