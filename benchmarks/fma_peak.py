@@ -101,8 +101,9 @@ def _compile() -> ctypes.CDLL:
     return dll
 
 
-def fma_fn(iters: int = 1 << 23) -> tuple[Callable[[], None], int]:
-    """A call running the FMA chains on ``torch.get_num_threads()`` threads, and its FLOPs.
+def fma_fn(iters: int) -> tuple[Callable[[], None], int]:
+    """A call running ``iters`` iterations of the FMA chains on each of
+    ``torch.get_num_threads()`` threads, and its FLOPs.
     Raises ``RuntimeError`` when the probe cannot be built here (no C compiler, no AVX2)."""
     dll = _compile()
     threads = torch.get_num_threads()

@@ -89,13 +89,15 @@ def backend_candidates(dim: int, full: bool) -> tuple[list[str], dict[str, str]]
 
 
 def _contenders(case: Case, w: Workload, x: Inputs, mode: str, backends: list[str],
-                skipped: dict[str, str]) -> list[Contender]:
+                skipped: dict[str, str], full: bool) -> list[Contender]:
     """Forward: the FMA peak and the GEMM rate first; then every backend and the naive way on
-    its slice (fwd+bwd: forward alone and forward + backward)."""
+    its slice (fwd+bwd: forward alone and forward + backward). The full run's FMA probe lasts
+    about a quarter of a second on an idle machine: a short probe catches a moment of a shared
+    machine, the kernels' timings average over seconds."""
     out = []
     if mode == "fwd":
         try:
-            fma, flops = fma_fn()
+            fma, flops = fma_fn(1 << 26 if full else 1 << 20)
             out.append(Contender("fma", False, (0, 0), flops, fma))
         except RuntimeError as exc:  # no C compiler or no AVX2 here
             skipped["fma"] = str(exc)
@@ -192,7 +194,7 @@ def bench_timing(benchmark, cfg: Config, case: Case, w: Workload, mode: str,
     suffix = " fwd+bwd" if mode == "fwd+bwd" else ""
     failed = {key: why for n, why in checks.items() if why.startswith("raised")
               for key in (n, n + suffix)}
-    contenders = _contenders(case, w, x, mode, backends, skipped)
+    contenders = _contenders(case, w, x, mode, backends, skipped, cfg.full)
     times, first = _run_rounds(benchmark, contenders, rounds or cfg.rounds, failed)
     by_key = {c.key: c for c in contenders}
     rate = {c.key: [c.flops / 1e9 / t for t in times[c.key]] for c in contenders}
