@@ -317,6 +317,9 @@ def code_state() -> dict:
     }
 
 
+CODE_KEYS = ("commit", "uncommitted", "cpu_extension_built", "cpu_kernels")
+
+
 def machine_info() -> dict:
     """CPU model and ISA, cores, torch/python versions, the code that ran, the load now."""
     cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
@@ -366,7 +369,9 @@ def markdown(machine: dict, command: str) -> str:
     lines = [
         "# hatkernels CPU benchmarks", "",
         f"Command: `{command}`  ",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items()), "",
+        "Code: " + "; ".join(f"{k} {v}" for k, v in machine.items() if k in CODE_KEYS) + "  ",
+        "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k not in CODE_KEYS),
+        "",
         "Every ratio is taken between two timings of the same round; rounds interleave the "
         "contenders (rotating their order); cells give the median (min–max) over rounds. "
         "GFLOP/s count valid-token FLOPs only (2·D·Σm·Σn). `timed on` is the slice a contender "
