@@ -2,9 +2,10 @@
 (Swin-B at 224 px, BERT-base, three levels of 768 dims: ``hat_coco`` with random weights, no
 pretrained files) on generated scenes rendered at 224 px.
 
-``python benchmarks/topk_eval_memory.py [N_IMAGES ...]`` runs, for each set size, both ways in
-a fresh process each and records the added peak RSS of the evaluation (Linux ``VmHWM`` after
-``clear_refs``, over the RSS once the model is built), per image (with its five captions).
+``python benchmarks/topk_eval_memory.py [N_IMAGES ...] [--ways memory,store]`` runs, for each
+set size, each way in a fresh process and records the added peak RSS of the evaluation
+(Linux ``VmHWM`` after ``clear_refs``, over the RSS once the model is built), per image
+(with its five captions).
 Writes ``benchmarks/results/topk_eval_memory.{md,json}``.
 """
 
@@ -60,10 +61,12 @@ def child(n_images: int, way: str) -> dict:
             "sims_sum": float(sims.double().sum())}
 
 
-def main(sizes: list[int]) -> None:
-    rows = []
+def main(sizes: list[int], ways: tuple[str, ...]) -> None:
+    """Measure ``ways`` at ``sizes``; rows of other ways already in the JSON are kept."""
+    old = RESULTS / "topk_eval_memory.json"
+    rows = [r for r in json.loads(old.read_text()) if r["way"] not in ways] if old.exists() else []
     for n in sizes:
-        for way in ("memory", "store"):
+        for way in ways:
             proc = subprocess.run([sys.executable, __file__, "--child", str(n), way],
                                   capture_output=True, text=True, check=False,
                                   env={**os.environ})
@@ -73,8 +76,10 @@ def main(sizes: list[int]) -> None:
             row["per_image_mib"] = row["added_peak_mib"] / n
             rows.append(row)
             print(row, flush=True)
+    rows.sort(key=lambda r: (r["n_images"], r["way"]))
     lines = ["# Evaluation memory: in memory vs token stores (paper-size HAT, random weights)",
-             "", f"Command: `python benchmarks/topk_eval_memory.py {' '.join(map(str, sizes))}`"
+             "", f"Command: `python benchmarks/topk_eval_memory.py {' '.join(map(str, sizes))}"
+             f" --ways {','.join(ways)}` (rows of other ways from earlier runs)"
              f" (hat_coco with {' '.join(OVERRIDES)}; eval.memory_budget {BUDGET // MIB} MiB; "
              f"torch threads {os.cpu_count()} cores)", "",
              "| images | captions | way | added peak MiB | per image MiB | seconds | rsum |",
@@ -91,4 +96,6 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--child"]:
         print(json.dumps(child(int(sys.argv[2]), sys.argv[3])))
     else:
-        main([int(a) for a in sys.argv[1:]] or [16, 48])
+        ways = tuple(sys.argv[sys.argv.index("--ways") + 1].split(",")) if "--ways" in sys.argv \
+            else ("memory", "store")
+        main([int(a) for a in sys.argv[1:] if a.isdigit()] or [8, 24], ways)

@@ -35,8 +35,6 @@ from hatkernels import TokenStore
 from .index import caption_tokens, image_tokens, write_store
 from .models import RetrievalModel, Tokens
 
-SHARD_BYTES = 64 << 20  # target size of one shard of tokens
-
 
 def init_distributed(device: str | None = None):
     """The default process group under torchrun (``WORLD_SIZE`` > 1), else None: NCCL when
@@ -72,10 +70,12 @@ def _item_bytes(tokens: Tokens) -> int:
     return sum(t[0].numel() * 4 for t in tokens.levels)
 
 
-def _sized(batches: Iterator[Tokens], shard_size: int | None) -> tuple[Iterator[Tokens], int]:
-    """(the same batches, items per shard): ``shard_size`` or ~SHARD_BYTES of float32."""
+def _sized(batches: Iterator[Tokens], shard_size: int | None, shard_bytes: int
+           ) -> tuple[Iterator[Tokens], int]:
+    """(the same batches, items per shard): ``shard_size``, else ``shard_bytes`` of float32
+    tokens (the writer holds up to a shard before writing it)."""
     first = next(batches)
-    size = shard_size or max(1, SHARD_BYTES // _item_bytes(first))
+    size = shard_size or max(1, shard_bytes // _item_bytes(first))
 
     def again() -> Iterator[Tokens]:
         yield first
@@ -113,15 +113,16 @@ def _trim(tokens: Tokens) -> Tokens:
 def encode_to_store(model: RetrievalModel, dataset, tokenizer, device: torch.device,
                     folder: Path, *, batch_size: int, count: int | None = None,
                     amp: bool = False, progress: bool = True, group=None,
-                    shard_size: int | None = None) -> None:
-    """Encode this rank's batches of images and captions into ``folder/{images,texts}.<rank>``."""
+                    shard_size: int | None = None, memory_budget: int = 1 << 30) -> None:
+    """Encode this rank's batches of images and captions into ``folder/{images,texts}.<rank>``
+    (shards of ``shard_size`` items, else of a quarter of ``memory_budget``)."""
     rank, world = _rank_world(group)
     n_img = dataset.n_images if count is None else count
     cpi = dataset.captions_per_image
     a, b = _my_range(n_img, batch_size, rank, world)
     if a < b:
         batches, size = _sized(image_tokens(model, _image_batches(dataset, a, b, batch_size),
-                                            device, amp), shard_size)
+                                            device, amp), shard_size, memory_budget // 4)
         with tqdm(total=b - a, desc="encode images", disable=not progress, leave=False) as bar:
             write_store(folder / f"images.{rank}", batches, dtype=torch.float32,
                         ids=list(range(a, b)), shard_size=size, progress=bar)
@@ -129,7 +130,7 @@ def encode_to_store(model: RetrievalModel, dataset, tokenizer, device: torch.dev
     if a < b:
         captions = dataset.captions[a:b]
         batches, size = _sized(caption_tokens(model, tokenizer, captions, batch_size, device,
-                                              amp), shard_size)
+                                              amp), shard_size, memory_budget // 4)
         with tqdm(total=b - a, desc="encode captions", disable=not progress, leave=False) as bar:
             write_store(folder / f"texts.{rank}", batches, tokens=tokenizer.max_tokens,
                         dtype=torch.float32,
@@ -197,7 +198,7 @@ def score_with_store(model: RetrievalModel, dataset, tokenizer, device: torch.de
         folder.mkdir(parents=True, exist_ok=True)
         encode_to_store(model, dataset, tokenizer, device, folder, batch_size=batch_size,
                         count=count, amp=amp, progress=progress, group=group,
-                        shard_size=shard_size)
+                        shard_size=shard_size, memory_budget=memory_budget)
         if group is not None:
             dist.barrier(group)
         sims = score_from_store(model, folder, device, memory_budget=memory_budget,
