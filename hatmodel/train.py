@@ -128,9 +128,9 @@ def train(cfg: dict[str, Any], out_dir: str | Path, *, resume: bool = False,
     out_dir = Path(out_dir)
     cfg = validate_config(cfg, check_paths=True)
     checkpoint = _checkpoint_to_resume(cfg, out_dir) if resume else None
-    out_dir.mkdir(parents=True, exist_ok=True)
     t = cfg["train"]
     ctx, device = distributed.setup(cfg, pick_device(t["device"]), resume)
+    out_dir.mkdir(parents=True, exist_ok=True)
     _setup_logging(out_dir, ctx.is_main)
     progress = progress and ctx.is_main
     if int(t["threads"]) > 0:

@@ -152,9 +152,10 @@ def _scenarios(rank: int, root: Path) -> None:
     _check_gathers(ctx)
 
     with pytest.raises(ValueError, match="^train.batch_size: the global batch"):
-        distributed.setup(load_config("hat_tiny", ["train.batch_size=15"]), torch.device("cpu"))
+        train_cli.train(load_config("hat_tiny", ["train.batch_size=15"]), root / "odd")
     with pytest.raises(ValueError, match="^config: rank 1 runs another config"):
-        distributed.setup(load_config("hat_tiny", [f"seed={rank}"]), torch.device("cpu"))
+        train_cli.train(load_config("hat_tiny", [f"seed={rank}"]), root / "mixed")
+    assert not (root / "odd").exists() and not (root / "mixed").exists()  # nothing written
 
     for name, overrides in (("infonce", []), ("hinge", HINGE)):
         grads = _float64_gradients(overrides, ctx)
