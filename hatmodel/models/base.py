@@ -51,8 +51,9 @@ class Tokens:
             padded = [nn.functional.pad(p.levels[level], (0, 0, 0, size - p.levels[level].shape[1]))
                       for p in parts]
             levels.append(torch.cat(padded))
-            if all(p.lengths[level] is None for p in parts):
-                lengths.append(None)
+            if all(p.lengths[level] is None and p.levels[level].shape[1] == size
+                   for p in parts):
+                lengths.append(None)  # nothing was padded: every token stays valid
             else:
                 lengths.append(torch.cat([
                     torch.full((len(p),), p.levels[level].shape[1], dtype=torch.int64,

@@ -82,6 +82,11 @@ def test_tokens_cat_and_slice():
     assert c.levels[0].shape == (3, 5, 4) and c.lengths[0].tolist() == [3, 1, 4]
     assert torch.equal(c.levels[0][:2, :3], a.levels[0])
     assert torch.equal(c[1:].levels[0], c.levels[0][1:])
+    # Without lengths, parts of different sizes get lengths that keep the padding out.
+    d = Tokens.cat([Tokens([torch.randn(2, 3, 4)], [None]), Tokens([torch.randn(1, 5, 4)], [None])])
+    assert d.lengths[0].tolist() == [3, 3, 5]
+    e = Tokens.cat([Tokens([torch.randn(2, 3, 4)], [None]), Tokens([torch.randn(1, 3, 4)], [None])])
+    assert e.lengths[0] is None
 
 
 def test_hinge_loss_hardest_negative_value_and_gradient():
