@@ -262,7 +262,7 @@ SCHEMA: dict[str, Rule] = {
     "train.log_every": _int(1, runtime=True),
     "train.max_steps_per_epoch": _int(0),  # 0: no limit
     "train.time_limit_s": _float(0.0, runtime=True),  # 0: none
-    "train.distributed.backend": Rule("str", nullable=True, runtime=True),
+    "train.distributed.backend": _choice("gloo", "nccl", "mpi", "ucc", nullable=True, runtime=True),
     "train.distributed.timeout_s": _float(1.0, runtime=True),
     "eval.batch_size": _int(1, runtime=True),
     "eval.protocol": _choice(*PROTOCOLS, runtime=True),
