@@ -18,9 +18,12 @@ each rank's parameter gradient is ``world_size`` times its share of the one-proc
 with the one-process gradient, in any training phase (frozen parameters have no gradient on
 any rank). Clipping, loss scaling and the optimizer then act identically on every rank.
 
-Only rank 0 writes (logs, plots, checkpoints) and evaluates; the others wait at the next
-collective, bounded by ``train.distributed.timeout_s`` like every collective, so a rank that
-dies or hangs ends the others with an error instead of a silent wait. Ranks draw dropout and
+Only rank 0 writes (logs, plots, checkpoints) and evaluates; the others wait for it in
+:func:`agree` / :func:`share`, which run on a CPU (gloo) group of their own with no practical
+timeout, so an evaluation longer than ``train.distributed.timeout_s`` never cuts the run. Every
+training collective is bounded by ``train.distributed.timeout_s``, so a rank that hangs in a
+step ends the others with an error instead of a silent wait, and a rank that dies is noticed at
+once (its connections close). Ranks draw dropout and
 augmentations from their own generators, reseeded at each epoch from
 ``(seed, epoch, rank)``, so a resumed run matches an uninterrupted one for any rank count.
 """
@@ -43,6 +46,10 @@ from .data import Batch
 from .models import RetrievalModel, Tokens
 from .runtime import seed_everything
 
+#: how long ranks wait for rank 0's evaluation and writing (no practical limit: a dead rank 0
+#: is noticed by its closed connections, not by a timeout)
+WAIT_TIMEOUT = timedelta(days=30)
+
 #: environment variables that torchrun (and any launcher following its protocol) sets
 ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -57,6 +64,8 @@ class Context:
     world_size: int = 1
     local_rank: int = 0
     comm_device: torch.device = torch.device("cpu")
+    #: a CPU (gloo) group without a practical timeout, for waiting on rank 0's evaluation
+    wait_group: Any = None
 
     @property
     def active(self) -> bool:
@@ -111,7 +120,8 @@ def setup(cfg: dict[str, Any], device: torch.device,
         backend = settings["backend"] or ("nccl" if device.type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=timedelta(seconds=float(settings["timeout_s"])))
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    ctx = Context(dist.get_rank(), dist.get_world_size(), local_rank, comm)
+    wait_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    ctx = Context(dist.get_rank(), dist.get_world_size(), local_rank, comm, wait_group)
     _check_same_everywhere({"config": cfg, "resume": bool(resume)}, ctx)
     return ctx, device
 
@@ -263,8 +273,8 @@ def agree(flag: bool, ctx: Context) -> bool:
     the same everywhere). Also a synchronisation point: other ranks wait here for rank 0."""
     if not ctx.active:
         return flag
-    t = torch.tensor([int(flag)], device=ctx.comm_device)
-    dist.broadcast(t, 0)
+    t = torch.tensor([int(flag)])
+    dist.broadcast(t, 0, group=ctx.wait_group)
     return bool(t.item())
 
 
@@ -273,9 +283,8 @@ def share(values: dict[str, float], ctx: Context) -> dict[str, float]:
     if not ctx.active:
         return values
     keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64,
-                     device=ctx.comm_device)
-    dist.broadcast(t, 0)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.broadcast(t, 0, group=ctx.wait_group)
     shared = dict(zip(keys, t.tolist()))
     return {k: shared[k] for k in values}
 
