@@ -62,9 +62,9 @@ def child(n_images: int, way: str) -> dict:
 
 
 def main(sizes: list[int], ways: tuple[str, ...]) -> None:
-    """Measure ``ways`` at ``sizes``; rows of other ways already in the JSON are kept."""
-    old = RESULTS / "topk_eval_memory.json"
-    rows = [r for r in json.loads(old.read_text()) if r["way"] not in ways] if old.exists() else []
+    """Measure ``ways`` at ``sizes``; earlier rows of other (size, way) pairs are kept."""
+    done = RESULTS / "topk_eval_memory.json"
+    rows = json.loads(done.read_text()) if done.exists() else []
     for n in sizes:
         for way in ways:
             proc = subprocess.run([sys.executable, __file__, "--child", str(n), way],
@@ -74,14 +74,17 @@ def main(sizes: list[int], ways: tuple[str, ...]) -> None:
                 raise RuntimeError(proc.stderr[-3000:])
             row = json.loads(proc.stdout.splitlines()[-1])
             row["per_image_mib"] = row["added_peak_mib"] / n
-            rows.append(row)
+            rows = [r for r in rows if (r["n_images"], r["way"]) != (n, way)] + [row]
             print(row, flush=True)
-    rows.sort(key=lambda r: (r["n_images"], r["way"]))
+    write(sorted(rows, key=lambda r: (r["n_images"], r["way"])))
+
+
+def write(rows: list[dict]) -> None:
     lines = ["# Evaluation memory: in memory vs token stores (paper-size HAT, random weights)",
-             "", f"Command: `python benchmarks/topk_eval_memory.py {' '.join(map(str, sizes))}"
-             f" --ways {','.join(ways)}` (rows of other ways from earlier runs)"
-             f" (hat_coco with {' '.join(OVERRIDES)}; eval.memory_budget {BUDGET // MIB} MiB; "
-             f"torch threads {os.cpu_count()} cores)", "",
+             "", "Command: `python benchmarks/topk_eval_memory.py N ... [--ways memory,store]` "
+             "(each row in its own fresh process; a run keeps the rows of other sizes/ways). "
+             f"Config: hat_coco with {' '.join(OVERRIDES)}; eval.memory_budget "
+             f"{BUDGET // MIB} MiB; 2 cores, shared with other work.", "",
              "| images | captions | way | added peak MiB | per image MiB | seconds | rsum |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['n_images']} | {5 * r['n_images']} | {r['way']} | "
