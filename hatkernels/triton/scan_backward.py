@@ -138,7 +138,10 @@ def _scan_i2t_backward_kernel(
             # b = a / (sqrt(sum_r a^2) + eps): the direct term and the one through the norm.
             safe = tl.where(root > 0, root, 1.0)
             through_norm = tl.where(root > 0, -col_db_a / (norm * norm * safe), 0.0)
-            d_a = d_b / norm[None, :] + a * through_norm[None, :]
+            # One image token: the two terms cancel to exactly d_b * eps / norm^2 (computed
+            # as the difference, float32 would keep only its rounding error).
+            d_a = tl.where(m_i == 1, d_b * EPS / (norm * norm)[None, :],
+                           d_b / norm[None, :] + a * through_norm[None, :])
             d_s = d_a * tl.where(s > 0, 1.0, LEAKY_SLOPE) \
                 + expand_words(d_num, BLOCK_R, BT, NP) * alpha
             both = rvalid[:, None] & cvalid[None, :]
@@ -223,7 +226,13 @@ def _scan_t2i_backward_kernel(
         inner = tl.sum(tl.reshape(d_b * a, [R, BT, NP]), axis=2)
         through = tl.where(root > 0, -inner / (norm * norm * tl.where(root > 0, root, 1.0)),
                            0.0)
-        d_a = d_b / expand_words(norm, R, BT, NP) + a * expand_words(through, R, BT, NP)
+        # A one-word caption: the two terms cancel to exactly d_b * eps / norm^2.
+        jb = block * BT + tl.arange(0, BT)
+        n_words = tl.load(t_len_ptr + jb, mask=jb < Bt, other=2)
+        one_word = tl.where((n_words == 1)[None, :], 1.0 / (norm * norm) * EPS, 0.0)
+        d_a = tl.where(expand_words(one_word, R, BT, NP) > 0,
+                       d_b * expand_words(one_word, R, BT, NP),
+                       d_b / expand_words(norm, R, BT, NP) + a * expand_words(through, R, BT, NP))
         d_s = d_a * tl.where(s > 0, 1.0, LEAKY_SLOPE) + d_num[None, :] * alpha
         both = rvalid[:, None] & cvalid[None, :]
         tl.store(ds_ptr + ds_rows[:, None] + (j.to(tl.int64) * N + w)[None, :], d_s, mask=both)

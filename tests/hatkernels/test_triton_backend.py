@@ -101,6 +101,17 @@ def test_padding_never_read(pooling):
 
 
 @needs_kernels
+def test_scan_one_row_normalisation_gradient():
+    """One-token images (i2t) and one-word captions (t2i): the normalisation's two gradient
+    terms cancel to eps / norm^2, which the backward uses directly (a case hypothesis found at
+    1.1e-4 with the difference)."""
+    case = _on_device(make_case(17932261, 3, 5, [(7, 1, 40), (1, 5, 4)]))
+    for direction in ("t2i", "i2t", "both"):
+        check_against_reference(case, "triton", torch.float32, pooling="scan",
+                                direction=direction, reduce="mean")
+
+
+@needs_kernels
 def test_max_backward_in_winner_chunks(monkeypatch):
     """A winner budget of a few key items forces the chunked backward path."""
     import hatkernels.triton.max_align as max_align
