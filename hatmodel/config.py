@@ -24,6 +24,7 @@ import torch
 import yaml
 
 from hatkernels.api import DIRECTIONS, POOLINGS, REDUCES
+from hatkernels.constants import MAX_LAMBDA_SOFTMAX
 from hatkernels.dispatch import BACKEND_NAMES
 
 from .data import KINDS, SAMPLES
@@ -203,7 +204,7 @@ SCHEMA: dict[str, Rule] = {
     "model.align.pooling": _choice(*POOLINGS),
     "model.align.direction": _choice(*DIRECTIONS),
     "model.align.reduce": _choice(*REDUCES),
-    "model.align.lambda_softmax": _float(0.0),
+    "model.align.lambda_softmax": _float(0.0, MAX_LAMBDA_SOFTMAX),
     "model.align.weights": Rule("floats", nullable=True),
     "model.align.backend": _choice(*BACKEND_NAMES, runtime=True),
     "model.teran.region_dim": _int(1, nullable=True),
