@@ -43,7 +43,8 @@ def report() -> str:
 
 def cpu_isa_report() -> str:
     """The instruction-set level the compiled CPU kernels run at and the levels this CPU
-    supports (the best is the default; ``HATKERNELS_CPU_ISA`` forces one), or why not known."""
+    supports (the best is the default; ``HATKERNELS_CPU_ISA`` forces one), whether the max
+    forward screens with int8 codes (``HATKERNELS_CPU_SCREEN=1``), or why not known."""
     try:
         ext = importlib.import_module("hatkernels._C_cpu")
     except ImportError as exc:
@@ -51,9 +52,11 @@ def cpu_isa_report() -> str:
     supported = ", ".join(ext.supported_cpu_isas())
     try:
         level = ext.cpu_isa()
+        screen = ext.cpu_screen()
     except ValueError as exc:
         return f"error: {exc}"
-    return f"instruction set {level} (this CPU supports: {supported})"
+    return (f"instruction set {level} (this CPU supports: {supported}); "
+            f"max screening {screen}")
 
 
 def main() -> None:

@@ -101,6 +101,8 @@ std::vector<std::string> supported_cpu_isas() {
   return out;
 }
 
+std::string cpu_screen() { return hatkernels::cpu::screening_status(); }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -112,6 +114,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &cpu_isa,
         "The instruction-set level the kernels run at: HATKERNELS_CPU_ISA if set, else the best "
         "this CPU supports (ValueError for a bad HATKERNELS_CPU_ISA).");
+  m.def("cpu_screen", &cpu_screen,
+        "Whether the max pooling forward screens with int8 codes before float32, and why not "
+        "(HATKERNELS_CPU_SCREEN=1 turns it on; ValueError for a bad value).");
   m.def("supported_cpu_isas", &supported_cpu_isas,
         "The instruction-set levels this CPU can run, lowest first.");
 }

@@ -16,6 +16,9 @@ struct Problem {
   int64_t bi, m_max, bt, n_max, d;
   int direction;
   bool mean;
+  // Max pooling forward: screen with int8 codes where the level supports it (the launchers
+  // set it, max_align_screen.h).
+  bool screen = false;
 };
 
 }  // namespace hatkernels::cpu

@@ -14,6 +14,7 @@ namespace hatkernels::cpu {
 namespace {
 
 constexpr const char* kEnv = "HATKERNELS_CPU_ISA";
+constexpr const char* kScreenEnv = "HATKERNELS_CPU_SCREEN";
 constexpr Isa kLevels[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512};
 
 bool cpu_runs(Isa isa) {
@@ -28,6 +29,25 @@ bool cpu_runs(Isa isa) {
 #else
   return false;
 #endif
+}
+
+bool cpu_has_vnni() {
+#if HATK_CPU_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+// HATKERNELS_CPU_SCREEN: true when "1", false when unset, empty or "0".
+bool screen_wanted() {
+  const char* env = std::getenv(kScreenEnv);
+  const std::string wanted = env ? env : "";
+  if (wanted == "1") return true;
+  if (wanted.empty() || wanted == "0") return false;
+  throw std::invalid_argument(std::string(kScreenEnv) + ": expected 0 or 1, got '" + wanted +
+                              "'");
 }
 
 std::string names(const std::vector<Isa>& levels) {
@@ -87,7 +107,22 @@ Isa active_isa() {
                               names({kLevels, kLevels + 3}) + ", got '" + wanted + "'");
 }
 
-void max_align_forward(const Problem& p, float* out) { kernels().max_forward(p, out); }
+bool screening() {
+  return screen_wanted() && active_isa() == Isa::kAvx512 && cpu_has_vnni();
+}
+
+std::string screening_status() {
+  if (!screen_wanted()) return std::string("off (") + kScreenEnv + "=1 turns it on)";
+  if (active_isa() != Isa::kAvx512) return "off (needs the avx512 level)";
+  if (!cpu_has_vnni()) return "off (this CPU has no AVX-512 VNNI)";
+  return "on (max pooling forward: int8 VNNI screening, float32 for the candidates)";
+}
+
+void max_align_forward(const Problem& p, float* out) {
+  Problem screened = p;
+  screened.screen = screening();
+  kernels().max_forward(screened, out);
+}
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
                         float* grad_texts) {

@@ -11,6 +11,7 @@
 // "auto": the best). The extension is therefore safe to load on any x86-64 CPU: nothing
 // outside the avx2 / avx512 namespaces uses instructions beyond the baseline.
 #pragma once
+#include <string>
 #include <vector>
 
 #include "cpu/common.h"
@@ -56,5 +57,15 @@ std::vector<Isa> supported_isas();
 // best supported one. Throws std::invalid_argument, its message starting with
 // "HATKERNELS_CPU_ISA", for an unknown level or one this CPU cannot run.
 Isa active_isa();
+
+// Whether the max forward screens with int8 codes (max_align_screen.h): when
+// HATKERNELS_CPU_SCREEN is "1" (unset, empty or "0": no; read on every call), at the avx512
+// level on a CPU with AVX-512 VNNI. Off by default: on W1 it only matched the float32 kernel
+// (docs/cpu-kernels.md). Throws std::invalid_argument, its message starting with
+// "HATKERNELS_CPU_SCREEN", for another value.
+bool screening();
+
+// One line for reports: whether screening runs, and why not.
+std::string screening_status();
 
 }  // namespace hatkernels::cpu

@@ -50,13 +50,14 @@ struct Rows {
 
 // Image side, rows [r0, r0 + rows) of every group packed in blocks of kMR rows, each block
 // [d][mr] (mr = its row count), so a group's packed data starts at r0 * d.
-inline void pack_row_blocks(const Rows& src, int64_t r0, int64_t rows, float* dst) {
+template <class Src, class T>
+inline void pack_row_blocks(const Src& src, int64_t r0, int64_t rows, T* dst) {
   const int64_t d = src.d;
   for (int64_t b0 = 0; b0 < rows; b0 += kMR) {
     const int64_t mr = std::min(kMR, rows - b0);
-    float* blk = dst + (r0 + b0) * d;
+    T* blk = dst + (r0 + b0) * d;
     for (int64_t r = 0; r < mr; ++r) {
-      const float* x = src.row(r0 + b0 + r);
+      const T* x = src.row(r0 + b0 + r);
       for (int64_t k = 0; k < d; ++k) blk[k * mr + r] = x[k];
     }
   }
@@ -64,48 +65,83 @@ inline void pack_row_blocks(const Rows& src, int64_t r0, int64_t rows, float* ds
 
 // Text side, columns [w0, w0 + cols) of a group packed in strips of kNR words, each strip
 // [d][kNR], zero-filled past the group's last word; dst holds ceil(cols / kNR) strips.
-inline void pack_col_strips(const Rows& src, int64_t w0, int64_t cols, float* dst) {
+template <class Src, class T>
+inline void pack_col_strips(const Src& src, int64_t w0, int64_t cols, T* dst) {
   const int64_t d = src.d;
   for (int64_t s0 = 0; s0 < cols; s0 += kNR) {
-    float* strip = dst + s0 * d;
+    T* strip = dst + s0 * d;
     const int64_t nc = std::min(kNR, cols - s0);
     for (int64_t w = 0; w < kNR; ++w) {
       if (w >= nc) {
-        for (int64_t k = 0; k < d; ++k) strip[k * kNR + w] = 0.f;
+        for (int64_t k = 0; k < d; ++k) strip[k * kNR + w] = T{0};
         continue;
       }
-      const float* x = src.row(w0 + s0 + w);
+      const T* x = src.row(w0 + s0 + w);
       for (int64_t k = 0; k < d; ++k) strip[k * kNR + w] = x[k];
     }
   }
 }
 
 #if HATK_CPU_AVX512
+// The micro-kernel's element type: float32 FMA, or (exact screening, max_align_screen.h) int8
+// codes four to a 32-bit lane, unsigned on the broadcast (image) side and signed on the strip
+// side, multiplied and summed in int32 by VNNI's vpdpbusd. The int8 instantiation only runs
+// where the CPU has AVX-512 VNNI (checked at run time), so the GEMM functions carry that
+// target; the float32 instantiation uses no VNNI instruction.
+#define HATK_VNNI __attribute__((target("avx512vnni")))
+
+struct F32 {
+  using T = float;
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const T* p) { return _mm512_load_ps(p); }
+  static V broadcast(T x) { return _mm512_set1_ps(x); }
+  static V madd(V acc, V a, V b) { return _mm512_fmadd_ps(a, b, acc); }
+  static void store(T* p, V v) { _mm512_storeu_ps(p, v); }
+  static void store(T* p, __mmask16 m, V v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+
+struct I8 {
+  using T = int32_t;
+  using V = __m512i;
+  HATK_VNNI static V zero() { return _mm512_setzero_si512(); }
+  HATK_VNNI static V load(const T* p) { return _mm512_loadu_si512(p); }
+  HATK_VNNI static V broadcast(T x) { return _mm512_set1_epi32(x); }
+  // In-place accumulation: with the intrinsic, GCC 12 copies and spills the accumulators.
+  HATK_VNNI static V madd(V acc, V a, V b) {
+    __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+  }
+  HATK_VNNI static void store(T* p, V v) { _mm512_storeu_si512(p, v); }
+  HATK_VNNI static void store(T* p, __mmask16 m, V v) { _mm512_mask_storeu_epi32(p, m, v); }
+};
+
 // c[MR, ncols] = a [d][MR] x b [d][kNR] (ncols <= 16 * NV valid columns stored).
-template <int MR, int NV>
-inline void micro_kernel(const float* __restrict a, const float* __restrict b, int64_t d,
-                         float* __restrict c, int64_t ldc, int ncols) {
-  __m512 acc[MR][NV];
+template <class K, int MR, int NV>
+HATK_VNNI inline void micro_kernel(const typename K::T* __restrict a,
+                                   const typename K::T* __restrict b, int64_t d,
+                                   typename K::T* __restrict c, int64_t ldc, int ncols) {
+  typename K::V acc[MR][NV];
 #pragma GCC unroll 16
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) acc[r][v] = K::zero();
   for (int64_t k = 0; k < d; ++k) {
-    __m512 bv[NV];
+    typename K::V bv[NV];
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) bv[v] = _mm512_load_ps(b + k * kNR + 16 * v);
+    for (int v = 0; v < NV; ++v) bv[v] = K::load(b + k * kNR + 16 * v);
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
-      const __m512 ar = _mm512_set1_ps(a[k * MR + r]);
+      const typename K::V ar = K::broadcast(a[k * MR + r]);
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_fmadd_ps(ar, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = K::madd(acc[r][v], ar, bv[v]);
     }
   }
   if (ncols == 16 * NV) {
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + 16 * v, acc[r][v]);
+      for (int v = 0; v < NV; ++v) K::store(c + r * ldc + 16 * v, acc[r][v]);
     return;
   }
 #pragma GCC unroll 2
@@ -113,17 +149,17 @@ inline void micro_kernel(const float* __restrict a, const float* __restrict b, i
     const int left = std::clamp(ncols - 16 * v, 0, 16);
     const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) _mm512_mask_storeu_ps(c + r * ldc + 16 * v, mask, acc[r][v]);
+    for (int r = 0; r < MR; ++r) K::store(c + r * ldc + 16 * v, mask, acc[r][v]);
   }
 }
 
-template <int NV>
-inline void micro_dispatch(int64_t mr, const float* a, const float* b, int64_t d, float* c,
-                           int64_t ldc, int ncols) {
+template <class K, int NV>
+HATK_VNNI inline void micro_dispatch(int64_t mr, const typename K::T* a, const typename K::T* b,
+                                     int64_t d, typename K::T* c, int64_t ldc, int ncols) {
   switch (mr) {
 #define HATK_MR_CASE(R) \
   case R:               \
-    return micro_kernel<R, NV>(a, b, d, c, ldc, ncols);
+    return micro_kernel<K, R, NV>(a, b, d, c, ldc, ncols);
     HATK_MR_CASE(1) HATK_MR_CASE(2) HATK_MR_CASE(3) HATK_MR_CASE(4) HATK_MR_CASE(5)
     HATK_MR_CASE(6) HATK_MR_CASE(7) HATK_MR_CASE(8) HATK_MR_CASE(9) HATK_MR_CASE(10)
     HATK_MR_CASE(11) HATK_MR_CASE(12)
@@ -133,19 +169,21 @@ inline void micro_dispatch(int64_t mr, const float* a, const float* b, int64_t d
   }
 }
 
-// C [rows, cols] (leading dimension ldc) from a group's row blocks and a group's strips.
-inline void panel_gemm(const float* a, int64_t rows, const float* b, int64_t cols, int64_t d,
-                       float* c, int64_t ldc) {
+// C [rows, cols] (leading dimension ldc) from a group's row blocks and a group's strips
+// (d: the elements of K::T per row, so d / 4 words of int8 codes for I8).
+template <class K = F32>
+HATK_VNNI inline void panel_gemm(const typename K::T* a, int64_t rows, const typename K::T* b,
+                                 int64_t cols, int64_t d, typename K::T* c, int64_t ldc) {
   for (int64_t s0 = 0; s0 < cols; s0 += kNR) {
     const int nc = static_cast<int>(std::min(kNR, cols - s0));
-    const float* strip = b + s0 * d;
+    const typename K::T* strip = b + s0 * d;
     for (int64_t b0 = 0; b0 < rows; b0 += kMR) {
       const int64_t mr = std::min(kMR, rows - b0);
-      float* cb = c + b0 * ldc + s0;
+      typename K::T* cb = c + b0 * ldc + s0;
       if (nc > 16)
-        micro_dispatch<2>(mr, a + b0 * d, strip, d, cb, ldc, nc);
+        micro_dispatch<K, 2>(mr, a + b0 * d, strip, d, cb, ldc, nc);
       else
-        micro_dispatch<1>(mr, a + b0 * d, strip, d, cb, ldc, nc);
+        micro_dispatch<K, 1>(mr, a + b0 * d, strip, d, cb, ldc, nc);
     }
   }
 }

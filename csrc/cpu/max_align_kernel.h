@@ -36,6 +36,7 @@
 #include "cpu/gemm.h"
 #include "cpu/max_align_gemm.h"
 #include "cpu/max_align_pool.h"
+#include "cpu/max_align_screen.h"
 #include "cpu/max_align_tiles.h"
 
 namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel {
@@ -65,9 +66,16 @@ struct Plan {
   // GEMM operands: register-blocked panels (AVX-512) or row-major packed valid tokens.
   max_gemm::AlignedFloats a, b;
   std::vector<int64_t> b_start;  // per caption group: first float of its operand in b
+#if HATK_CPU_AVX512
+  // Screened forward only (max_align_screen.h): int8 codes of both sides and their panels,
+  // laid out as a and b with d4 = ceil(d / 4) words per token instead of d floats.
+  max_screen::Codes qv, qt;
+  std::vector<int32_t> a8, b8;
+#endif
 };
 
-Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed) {
+Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed,
+               bool screen = false) {
   Plan plan;
   plan.si = transposed ? 1 : p.bt;
   plan.sj = transposed ? p.bi : 1;
@@ -93,12 +101,25 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
   }
   plan.a = max_gemm::aligned_floats(plan.v.rows * d);
   plan.b = max_gemm::aligned_floats(plan.b_start[n_cg]);
+#if HATK_CPU_AVX512
+  if (screen) {
+    plan.qv = max_screen::quantise(plan.v_rows, plan.v.rows, 128);
+    plan.qt = max_screen::quantise(plan.t_rows, plan.t.rows, 0);
+    plan.a8.resize(plan.v.rows * plan.qv.d4);
+    plan.b8.resize(plan.b_start[n_cg] / d * plan.qv.d4);
+  }
+#else
+  (void)screen;
+#endif
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t k = 0; k < n_ig + n_cg; ++k) {
     if (k < n_ig) {
       const int64_t r0 = plan.v.off[plan.ig[k]], rows = plan.v.off[plan.ig[k + 1]] - r0;
       if constexpr (max_gemm::kPanels) {
         max_gemm::pack_row_blocks(plan.v_rows, r0, rows, plan.a.get());
+#if HATK_CPU_AVX512
+        if (screen) max_gemm::pack_row_blocks(plan.qv, r0, rows, plan.a8.data());
+#endif
       } else {
         for (int64_t r = r0; r < r0 + rows; ++r)
           std::memcpy(plan.a.get() + r * d, plan.v_rows.row(r), sizeof(float) * d);
@@ -109,6 +130,11 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
       float* dst = plan.b.get() + plan.b_start[g];
       if constexpr (max_gemm::kPanels) {
         max_gemm::pack_col_strips(plan.t_rows, w0, cols, dst);
+#if HATK_CPU_AVX512
+        if (screen)
+          max_gemm::pack_col_strips(plan.qt, w0, cols,
+                                    plan.b8.data() + plan.b_start[g] / d * plan.qv.d4);
+#endif
       } else {
         for (int64_t w = 0; w < cols; ++w)
           std::memcpy(dst + w * d, plan.t_rows.row(w0 + w), sizeof(float) * d);
@@ -142,6 +168,16 @@ void similarities(const Plan& plan, const Tile& t, int64_t d, float* c) {
 #endif
 }
 
+// Writes image i's t2i scores against the tile's captions from q, its best score per word.
+void write_t2i(const Problem& p, const Plan& plan, const Tile& t, int64_t i, const float* q,
+               float* out) {
+  for (int64_t j = t.j0; j < t.j1; ++j) {
+    const int64_t n = p.text_lengths[j];
+    const float s = max_pool::segment_sum(q + plan.t.off[j] - t.w0, n);
+    out[i * plan.si + j * plan.sj] = p.mean ? s / static_cast<float>(n) : s;
+  }
+}
+
 // Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps).
 void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c, float* q,
                float* acc, float* out) {
@@ -151,11 +187,7 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
     const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
     if (t2i) {
       max_pool::column_max(ci, t.cols, m, t.cols, q);
-      for (int64_t j = t.j0; j < t.j1; ++j) {
-        const int64_t n = p.text_lengths[j];
-        const float s = max_pool::segment_sum(q + plan.t.off[j] - t.w0, n);
-        out[i * plan.si + j * plan.sj] = p.mean ? s / static_cast<float>(n) : s;
-      }
+      write_t2i(p, plan, t, i, q, out);
     }
     if (i2t) {
       std::fill(acc, acc + (t.j1 - t.j0), 0.f);
@@ -295,11 +327,50 @@ void check(const Problem& p) {
 // its max along each caption's words into the vector max down rows (no horizontal segments).
 Problem as_t2i(const Problem& p) {
   return Problem{p.texts, p.images, p.text_lengths, p.image_lengths, p.bt, p.n_max,
-                 p.bi,    p.m_max,  p.d,            kT2I,            p.mean};
+                 p.bi,    p.m_max,  p.d,            kT2I,            p.mean, p.screen};
 }
 
+#if HATK_CPU_AVX512
+// The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
+// float32 kernel (norms that could overflow the bound, too many candidates).
+bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
+                   float* q, float* out) {
+  const auto most = [](const std::vector<float>& x, int64_t b, int64_t n) {
+    return *std::max_element(x.begin() + b, x.begin() + b + n);
+  };
+  const double nq = most(plan.qv.norm, t.r0, t.rows), nk = most(plan.qt.norm, t.w0, t.cols);
+  if (!(nq * nk < 1e30)) return false;
+  const int64_t d4 = plan.qv.d4;
+  max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + t.r0 * d4, t.rows,
+                                     plan.b8.data() + plan.b_start[t.b] / p.d * d4, t.cols,
+                                     d4, s.c.data(), t.cols);
+  s.candidates.clear();
+  const int64_t limit = t.rows * t.cols / max_screen::kMaxCandidateShare;
+  for (int64_t i = t.i0; i < t.i1; ++i) {
+    const int64_t r0 = plan.v.off[i];
+    if (!max_screen::screen_image(s.c.data() + (r0 - t.r0) * t.cols, p.image_lengths[i],
+                                  t.cols, r0, t.w0, plan.qv, plan.qt, limit, s.lower.data(),
+                                  s.candidates))
+      return false;
+  }
+  // Candidates come image by image: each image's words take their candidates' maximum.
+  size_t k = 0;
+  for (int64_t i = t.i0; i < t.i1; ++i) {
+    std::fill(q, q + t.cols, -std::numeric_limits<float>::infinity());
+    for (; k < s.candidates.size() && plan.v.owner[s.candidates[k]] == i; k += 2) {
+      const int64_t r = s.candidates[k], w = s.candidates[k + 1];
+      const float x = max_screen::dot(plan.v_rows.row(r), plan.t_rows.row(w), p.d);
+      q[w - t.w0] = x > q[w - t.w0] ? x : q[w - t.w0];
+    }
+    write_t2i(p, plan, t, i, q, out);
+  }
+  return true;
+}
+#endif
+
 void forward(const Problem& p, bool transposed, float* out) {
-  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed);
+  const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I;
+  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
 #pragma omp parallel
@@ -308,9 +379,19 @@ void forward(const Problem& p, bool transposed, float* out) {
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     auto q = max_tiles::scratch(plan.max_cols);
     auto acc = max_tiles::scratch(plan.max_caps);
+#if HATK_CPU_AVX512
+    max_screen::Scratch s;
+    if (screen) {
+      s.c.resize(plan.max_rows * plan.max_cols);
+      s.lower.resize(plan.max_cols);
+    }
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < n_ig * n_cg; ++k) {
       const Tile t = tile_of(plan, k / n_cg, k % n_cg);
+#if HATK_CPU_AVX512
+      if (screen && screened_tile(p, plan, t, s, q.get(), out)) continue;
+#endif
       similarities(plan, t, p.d, c.get());
       pool_tile(p, plan, t, c.get(), q.get(), acc.get(), out);
     }

@@ -1,0 +1,150 @@
+"""Exact screened max pooling of the cpu backend (int8 VNNI codes, float32 for the candidates).
+
+HATKERNELS_CPU_SCREEN=1 turns it on; its scores must equal the float32 kernel's up to the
+rounding of the winning dot product (same winners) on random data and on data built to defeat
+the screening (exact and near ties, huge and tiny norms), every direction and reduce, with
+ragged lengths and NaN padding; gradients (the backward never screens) stay identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hatkernels
+from alignment_cases import SETTINGS, check_against_reference, make_case
+
+ext = pytest.importorskip("hatkernels._C_cpu")
+
+
+def _screening_available() -> bool:
+    import os
+
+    old = os.environ.get("HATKERNELS_CPU_SCREEN")
+    os.environ["HATKERNELS_CPU_SCREEN"] = "1"
+    try:
+        return ext.cpu_screen().startswith("on")
+    except ValueError:
+        return False
+    finally:
+        if old is None:
+            del os.environ["HATKERNELS_CPU_SCREEN"]
+        else:
+            os.environ["HATKERNELS_CPU_SCREEN"] = old
+
+
+pytestmark = pytest.mark.skipif(
+    not _screening_available(), reason="screening needs the avx512 level with AVX-512 VNNI"
+)
+
+DIRECTIONS = {"t2i": 0, "i2t": 1, "both": 2}
+
+
+def _inputs(seed: int, bi: int, bt: int, m: int, n: int, d: int):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.nn.functional.normalize(torch.randn(bi, m, d, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(bt, n, d, generator=g), dim=-1)
+    il = torch.randint(1, m + 1, (bi,), generator=g)
+    tl = torch.randint(1, n + 1, (bt,), generator=g)
+    # Padding is never read: NaN there must not reach a score.
+    for x, lengths in ((images, il), (texts, tl)):
+        for b, k in enumerate(lengths.tolist()):
+            x[b, k:] = float("nan")
+    return images, texts, il, tl
+
+
+def _both_paths(monkeypatch, images, texts, il, tl, direction: str, mean: bool):
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("HATKERNELS_CPU_SCREEN", flag)
+        out[flag] = ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], mean)
+    return out["0"], out["1"]
+
+
+def _assert_same_scores(plain: torch.Tensor, screened: torch.Tensor) -> None:
+    assert torch.isfinite(screened).all()
+    scale = float(plain.abs().max())
+    torch.testing.assert_close(screened, plain, rtol=1e-6, atol=1e-6 * scale)
+
+
+@pytest.mark.parametrize("direction,reduce", SETTINGS)
+def test_random_data_equals_float32_path(monkeypatch, direction, reduce):
+    # Several tiles both ways (groups of ~400 tokens), partial strips and blocks (odd sizes).
+    images, texts, il, tl = _inputs(1, 23, 71, 49, 32, 67)
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, reduce == "mean")
+    _assert_same_scores(plain, screened)
+    if direction != "both":
+        # The screened path really ran: its candidates' dot products round differently from
+        # the GEMM's, so some scores differ in their last bits.
+        assert not torch.equal(plain, screened)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_ties_and_near_ties(monkeypatch, direction):
+    """Images made of a few tokens repeated exactly or up to 1e-7: every max is (nearly) tied,
+    which leaves many candidates (tiles fall back to float32)."""
+    g = torch.Generator().manual_seed(2)
+    base = torch.nn.functional.normalize(torch.randn(9, 3, 48, generator=g), dim=-1)
+    images = base.repeat(1, 16, 1)
+    images[:, 24:] += 1e-7 * torch.randn(9, 24, 48, generator=g)
+    texts = torch.nn.functional.normalize(torch.randn(30, 20, 48, generator=g), dim=-1)
+    il = torch.full((9,), 48)
+    tl = torch.randint(1, 21, (30,), generator=g)
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, True)
+    _assert_same_scores(plain, screened)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_huge_and_tiny_norms(monkeypatch, direction):
+    """Tokens scaled by 1e18 (their bound would overflow: those tiles fall back) and 1e-20
+    (codes of tiny scales) among unit tokens."""
+    images, texts, il, tl = _inputs(3, 17, 40, 30, 24, 64)
+    images[2, :5] *= 1e18
+    images[5] *= 1e-20
+    texts[7, :3] *= 1e-20
+    texts[11, :2] *= 1e5
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, False)
+    _assert_same_scores(plain, screened)
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_wide_dynamic_range_within_tokens(monkeypatch, direction):
+    """One huge coordinate per token makes the int8 codes of the rest zero: screening finds
+    few tokens to drop, and the result must still be exact."""
+    images, texts, il, tl = _inputs(4, 12, 50, 20, 16, 40)
+    images[..., 0] = 1e4
+    texts[..., 0] = torch.where(torch.isnan(texts[..., 0]), texts[..., 0], 1.0)
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, True)
+    _assert_same_scores(plain, screened)
+
+
+def test_screened_forward_is_deterministic(monkeypatch):
+    images, texts, il, tl = _inputs(5, 31, 90, 49, 32, 64)
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
+    first = ext.max_align_forward(images, texts, il, tl, 0, True)
+    assert torch.equal(first, ext.max_align_forward(images, texts, il, tl, 0, True))
+
+
+@pytest.mark.parametrize("direction,reduce", [("t2i", "mean"), ("i2t", "sum")])
+def test_against_float64_reference_with_gradients(monkeypatch, direction, reduce):
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
+    case = make_case(6, 13, 41, [(49, 32, 64), (7, 9, 33)])
+    check_against_reference(case, "cpu", torch.float32, pooling="max", direction=direction,
+                            reduce=reduce)
+
+
+def test_bad_switch_value_is_named(monkeypatch):
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "yes")
+    images, texts, il, tl = _inputs(7, 2, 2, 3, 3, 8)
+    with pytest.raises(ValueError, match="^HATKERNELS_CPU_SCREEN"):
+        ext.max_align_forward(images, texts, il, tl, 0, True)
+
+
+def test_info_reports_screening(monkeypatch):
+    from hatkernels.info import cpu_isa_report
+
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
+    assert "max screening on" in cpu_isa_report()
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "0")
+    assert "max screening off" in cpu_isa_report()
+    assert hatkernels.available_backends("cpu")
