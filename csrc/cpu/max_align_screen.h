@@ -29,7 +29,11 @@
 // overflow (N_q N_k >= 1e30) or that leaves more than one candidate in kMaxCandidateShare of
 // its entries (near-ties, huge dynamic range) is computed by the float32 kernel instead.
 //
-// Random unit tokens at d = 256 leave about 1.5 candidates per word and image of 49 tokens.
+// Random unit tokens at d = 256 leave about 2.5 candidates per word and image of 49 tokens.
+// Cost on W1 (256 images x 49 tokens, 1,280 captions, d = 256, 2-core AVX-512 Xeon): the int8
+// GEMM takes about 0.28 of the float32 GEMM's time, but screening and the candidates' dot
+// products take as much again, so the tile costs about what the float32 kernel does; a tile
+// that falls back costs about 1.5x. Hence off by default (isa.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -45,7 +49,8 @@ namespace hatkernels::cpu::HATK_CPU_LEVEL::max_screen {
 
 using max_gemm::I8;
 
-// A tile falls back to float32 when it has more than one candidate per this many entries.
+// A tile falls back to float32 when it has more than one candidate per this many entries (a
+// candidate's row-major dot product costs about as much as three entries of the GEMM).
 constexpr int64_t kMaxCandidateShare = 6;
 
 // One side's valid tokens as int8 codes, four per int32, row-major [rows][d4]; and per token
