@@ -274,4 +274,6 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main, "python -m hatmodel.index")

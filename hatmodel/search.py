@@ -220,4 +220,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 __all__ = ["Searcher", "draw", "format_hits", "hit_text", "main"]
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main, "python -m hatmodel.search")

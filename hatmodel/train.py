@@ -321,4 +321,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    from .cli import run
+
+    run(main, "python -m hatmodel.train")
