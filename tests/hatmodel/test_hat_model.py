@@ -13,14 +13,7 @@ from hatmodel.losses import build_loss, hinge_loss, info_nce_loss, score_spread
 from hatmodel.models import HAT, Tokens, build_model
 from hatmodel.models.towers import BertTower, SwinTower
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared 2-core machine loses a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny(*overrides):

@@ -94,12 +94,7 @@ CHAIN = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_sigkill_in_every_checkpoint_write_then_resume_ends_like_an_uninterrupted_run(

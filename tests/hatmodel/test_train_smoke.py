@@ -16,14 +16,7 @@ from hatmodel.evaluate import METRIC_KEYS
 from hatmodel.losses import build_loss
 from hatmodel.models import build_model
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and a shared 2-core machine loses a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_a_few_steps_lower_the_loss():
