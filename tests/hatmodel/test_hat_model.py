@@ -20,17 +20,25 @@ def tiny(*overrides):
     return load_config("hat_tiny", list(overrides))
 
 
+def encode_with_shapes(model, images, ids, pad_from, image_shapes, text_shapes):
+    """Encode ``images`` and the captions ``ids`` (caption 1 padded from word ``pad_from``),
+    check the shapes of every level, and return (mask, image tokens, text tokens)."""
+    mask = torch.ones(ids.shape, dtype=torch.int64)
+    mask[1, pad_from:] = 0
+    img = model.encode_images(images)
+    txt = model.encode_texts(ids, mask)
+    assert [tuple(t.shape) for t in img.levels] == image_shapes
+    assert [tuple(t.shape) for t in txt.levels] == text_shapes
+    return mask, img, txt
+
+
 def test_shapes_through_the_model():
     torch.manual_seed(0)
     model = build_model(tiny(), vocab_size=40).eval()  # no dropout
     images = torch.randn(3, 3, 32, 32)
     ids = torch.randint(5, 40, (4, 9))
-    mask = torch.ones(4, 9, dtype=torch.int64)
-    mask[1, 6:] = 0
-    img = model.encode_images(images)
-    txt = model.encode_texts(ids, mask)
-    assert [tuple(t.shape) for t in img.levels] == [(3, 16, 16), (3, 4, 16), (3, 1, 16)]
-    assert [tuple(t.shape) for t in txt.levels] == [(4, 9, 16)] * 3
+    mask, img, txt = encode_with_shapes(model, images, ids, 6,
+                                        [(3, 16, 16), (3, 4, 16), (3, 1, 16)], [(4, 9, 16)] * 3)
     assert txt.lengths[0].tolist() == [9, 6, 9, 9]
     scores = model.score(img, txt)
     assert scores.shape == (3, 4) and scores.dtype == torch.float32
@@ -199,12 +207,9 @@ def test_paper_configuration_forward_and_backward():
     assert model.text_encoder.layers == [4, 10, 12] and model.text_encoder.dim == 768
     images = torch.randn(2, 3, 224, 224)
     ids = torch.randint(1000, 30000, (2, 32))
-    mask = torch.ones(2, 32, dtype=torch.int64)
-    mask[1, 20:] = 0
-    img = model.encode_images(images)
-    txt = model.encode_texts(ids, mask)
-    assert [tuple(t.shape) for t in img.levels] == [(2, 784, 768), (2, 196, 768), (2, 49, 768)]
-    assert [tuple(t.shape) for t in txt.levels] == [(2, 32, 768)] * 3
+    _, img, txt = encode_with_shapes(model, images, ids, 20,
+                                     [(2, 784, 768), (2, 196, 768), (2, 49, 768)],
+                                     [(2, 32, 768)] * 3)
     loss = hinge_loss(model.score(img, txt), margin=0.2)
     loss.backward()
     assert model.image_proj[0].weight.grad is not None
