@@ -152,19 +152,15 @@ def test_levels_and_weights_sum():
     texts = [x.float() for x in case.texts]
     lengths = dict(image_lengths=case.image_lengths, text_lengths=case.text_lengths)
     both = hier_align(images, texts, weights=[0.5, 2.0], backend="torch", **lengths)
-    first = hier_align(
-        images[0],
-        texts[0],
-        image_lengths=case.image_lengths[0],
-        text_lengths=case.text_lengths[0],
-        backend="torch",
-    )
-    second = hier_align(
-        images[1],
-        texts[1],
-        image_lengths=case.image_lengths[1],
-        text_lengths=case.text_lengths[1],
-        backend="torch",
+    first, second = (
+        hier_align(
+            images[level],
+            texts[level],
+            image_lengths=case.image_lengths[level],
+            text_lengths=case.text_lengths[level],
+            backend="torch",
+        )
+        for level in range(2)
     )
     torch.testing.assert_close(both, 0.5 * first + 2.0 * second)
 
