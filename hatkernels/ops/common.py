@@ -3,6 +3,11 @@ the rule for non-finite tokens, forward and backward, the same for every backend
 registration (fake implementations for shapes, autograd through the backward op), so that
 ``torch.compile(fullgraph=True)`` traces through ``hier_align`` without graph breaks.
 
+Both ops are declared by ``define_align_ops`` from one typed parameter list (the arguments
+every op shares, the pooling's own settings between ``reduce`` and ``backend``), from which
+``torch.library.custom_op`` infers the forward's schema; the backward op takes ``grad`` first,
+then the same arguments.
+
 Non-finite tokens: a NaN or Inf in a valid token makes exactly the scores of the pairs that
 contain its item NaN, and, in the backward, the gradients of the valid tokens of both items of
 each such pair that has a nonzero upstream gradient; every other score and gradient is
@@ -14,6 +19,7 @@ to NaN afterwards. Padding is never part of this: it is never read.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import replace
 
 import torch
@@ -134,3 +140,49 @@ def register_autograd(op: CustomOpDef, backward_op: CustomOpDef) -> None:
     op.register_fake(fake_scores)
     backward_op.register_fake(fake_grads)
     op.register_autograd(backward_fn, setup_context=setup_context)
+
+
+_ARGUMENT = inspect.Parameter.POSITIONAL_OR_KEYWORD
+# The typed arguments of every alignment op, in order; a pooling's own settings go in between.
+_LEADING = {"images": Tensor, "texts": Tensor, "image_lengths": Tensor, "text_lengths": Tensor,
+            "direction": str, "reduce": str}  # fmt: skip
+_TRAILING = {"backend": str, "memory_budget": int}
+
+
+def define_align_ops(pooling: str, **settings: type) -> tuple[CustomOpDef, CustomOpDef]:
+    """The custom ops ``hatkernels::{pooling}_align`` and ``..._align_backward``, registered.
+
+    The forward's typed parameters are ``images, texts, image_lengths, text_lengths,
+    direction, reduce``, then ``settings`` (the pooling's own, by name and type, each an
+    ``AlignInputs`` field; one a pooling lacks takes 0.0), then ``backend, memory_budget``;
+    ``torch.library.custom_op`` infers the schema from them. The backward takes
+    ``grad: Tensor`` first, then the same arguments, and returns both gradients. Declaring the
+    argument list once keeps the two ops of a pooling, and the two poolings, in step."""
+    types = {**_LEADING, **settings, **_TRAILING}
+    params = [inspect.Parameter(name, _ARGUMENT, annotation=t) for name, t in types.items()]
+    signature = inspect.Signature(params)
+
+    def inputs(args: tuple) -> tuple[AlignInputs, str]:
+        a = signature.bind(*args).arguments
+        inp = AlignInputs(a["images"], a["texts"], a["image_lengths"], a["text_lengths"],
+                          pooling, a["direction"], a["reduce"], a.get("lambda_softmax", 0.0),
+                          a["memory_budget"])  # fmt: skip
+        return inp, a["backend"]
+
+    def forward_op(*args):
+        return forward(*inputs(args))
+
+    def backward_op(grad, *args):
+        return backward(grad, *inputs(args))
+
+    forward_op.__signature__ = signature.replace(return_annotation=Tensor)
+    grad = inspect.Parameter("grad", _ARGUMENT, annotation=Tensor)
+    backward_op.__signature__ = inspect.Signature(
+        [grad, *params], return_annotation=tuple[Tensor, Tensor]
+    )
+    op = torch.library.custom_op(f"hatkernels::{pooling}_align", forward_op, mutates_args=())
+    grad_op = torch.library.custom_op(
+        f"hatkernels::{pooling}_align_backward", backward_op, mutates_args=()
+    )
+    register_autograd(op, grad_op)
+    return op, grad_op
