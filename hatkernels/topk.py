@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .api import DEFAULT_MEMORY_BUDGET, hier_align
+from .api import DEFAULT_MEMORY_BUDGET, LengthsArg, hier_align
 from .store import TokenStore
 
 QUERIES = ("texts", "images")
@@ -28,7 +28,6 @@ MAX_GALLERY = (1 << 32) - 2  # the key holds 32 bits of index; 2**32 - 1 is the 
 NAN_KEY = -(1 << 31)  # below the key of -inf
 CHUNK_BYTES = 64 << 20  # default working size of one chunk's scores and keys
 
-LengthsArg = Tensor | Sequence[Tensor | None] | None
 Gallery = Tensor | Sequence[Tensor] | TokenStore
 
 
