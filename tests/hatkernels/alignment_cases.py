@@ -99,6 +99,29 @@ def zero_padding(x: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0)
 
 
+def padding_fill_runs(case: Case, pooling: str, backend: str, device: str = "cpu") -> list:
+    """Scores and gradients of ``case``'s first level (``direction="both"``) with its padding
+    filled with NaN, Inf and 1e30 in turn: one (scores, image grad, text grad) per fill."""
+    outs = []
+    for fill in (float("nan"), float("inf"), 1e30):
+        v = case.images[0].float().clone()
+        t = case.texts[0].float().clone()
+        v[~torch.isfinite(v)] = fill
+        t[~torch.isfinite(t)] = fill
+        v, t = v.to(device).requires_grad_(True), t.to(device).requires_grad_(True)
+        out = hier_align(
+            v,
+            t,
+            image_lengths=case.image_lengths[0].to(device),
+            text_lengths=case.text_lengths[0].to(device),
+            pooling=pooling,
+            direction="both",
+            backend=backend,
+        )
+        outs.append((out, *torch.autograd.grad(out.sum(), (v, t))))
+    return outs
+
+
 def check_against_reference(
     case: Case,
     backend: str,

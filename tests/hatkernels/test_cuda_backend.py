@@ -14,7 +14,14 @@ import pytest
 import torch
 
 import hatkernels
-from alignment_cases import SETTINGS, TOLERANCE, make_case, rel_err, zero_padding
+from alignment_cases import (
+    SETTINGS,
+    TOLERANCE,
+    make_case,
+    padding_fill_runs,
+    rel_err,
+    zero_padding,
+)
 from hatkernels import dispatch, hier_align
 from hatkernels.backends import cuda as cuda_backend
 from hatkernels.reference import naive_hier_align
@@ -81,25 +88,19 @@ def test_dtype_reasons():
 
 
 @pytest.mark.skipif(cuda_backend.LOAD_ERROR is not None, reason="extension not built")
-@pytest.mark.parametrize("op", ["max_align_forward", "scan_align_forward"])
+@pytest.mark.parametrize("op", ["max_align_forward", "scan_align_forward",
+                                "max_align_backward", "scan_align_backward"])
 def test_binding_rejects_cpu_tensors_with_value_error(op):
     ext = importlib.import_module("hatkernels._C_cuda")
     v, t = torch.randn(2, 3, 8), torch.randn(4, 5, 8)
     vl, tl = torch.tensor([3, 2]), torch.tensor([5, 1, 2, 3])
     extra = (9.0,) if op.startswith("scan") else ()
+    if op.endswith("backward"):  # the backward takes the scores' gradient first
+        args = (torch.ones(2, 4), v, t, vl, tl, 2, False, *extra)
+    else:
+        args = (v, t, vl, tl, 0, True, *extra)
     with pytest.raises(ValueError, match="images/texts: CUDA tensors expected"):
-        getattr(ext, op)(v, t, vl, tl, 0, True, *extra)
-
-
-@pytest.mark.skipif(cuda_backend.LOAD_ERROR is not None, reason="extension not built")
-@pytest.mark.parametrize("op", ["max_align_backward", "scan_align_backward"])
-def test_binding_backward_rejects_cpu_tensors_with_value_error(op):
-    ext = importlib.import_module("hatkernels._C_cuda")
-    v, t = torch.randn(2, 3, 8), torch.randn(4, 5, 8)
-    vl, tl = torch.tensor([3, 2]), torch.tensor([5, 1, 2, 3])
-    extra = (9.0,) if op.startswith("scan") else ()
-    with pytest.raises(ValueError, match="images/texts: CUDA tensors expected"):
-        getattr(ext, op)(torch.ones(2, 4), v, t, vl, tl, 2, False, *extra)
+        getattr(ext, op)(*args)
 
 
 def test_missing_extension_gives_a_reason_naming_the_build_switch():
@@ -209,24 +210,7 @@ def test_scan_t2i_runs_in_image_chunks():
 @needs_gpu
 @pytest.mark.parametrize("pooling", POOLINGS)
 def test_padding_values_do_not_matter(pooling):
-    case = make_case(9, 6, 7, [(12, 9, 40)])
-    outs = []
-    for fill in (float("nan"), float("inf"), 1e30):
-        v = case.images[0].float().clone()
-        t = case.texts[0].float().clone()
-        v[~torch.isfinite(v)] = fill
-        t[~torch.isfinite(t)] = fill
-        v, t = v.cuda().requires_grad_(True), t.cuda().requires_grad_(True)
-        out = hier_align(
-            v,
-            t,
-            image_lengths=case.image_lengths[0].cuda(),
-            text_lengths=case.text_lengths[0].cuda(),
-            pooling=pooling,
-            direction="both",
-            backend="cuda",
-        )
-        outs.append((out, *torch.autograd.grad(out.sum(), (v, t))))
+    outs = padding_fill_runs(make_case(9, 6, 7, [(12, 9, 40)]), pooling, "cuda", device="cuda")
     for other in outs[1:]:
         assert torch.equal(outs[0][0], other[0])  # the forward is deterministic
         for a, b in zip(outs[0][1:], other[1:]):  # gradients use float atomics

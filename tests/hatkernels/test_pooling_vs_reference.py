@@ -14,6 +14,7 @@ from alignment_cases import (
     backend_params,
     check_against_reference,
     make_case,
+    padding_fill_runs,
 )
 
 # The Triton interpreter runs kernels in Python: fewer, smaller examples for it.
@@ -97,28 +98,7 @@ def test_one_token_items(pooling: str, backend: str) -> None:
 @pytest.mark.parametrize("pooling", ["max", "scan"])
 def test_padding_never_read(pooling: str, backend: str) -> None:
     """NaN, Inf or huge values in padding give bit-identical scores and gradients."""
-    from hatkernels import hier_align
-
-    case = make_case(9, 4, 5, [(6, 7, 10)])
-    outs = []
-    for fill in (float("nan"), float("inf"), 1e30):
-        v = case.images[0].float().clone()
-        t = case.texts[0].float().clone()
-        v[~torch.isfinite(v)] = fill
-        t[~torch.isfinite(t)] = fill
-        v.requires_grad_(True)
-        t.requires_grad_(True)
-        out = hier_align(
-            v,
-            t,
-            image_lengths=case.image_lengths[0],
-            text_lengths=case.text_lengths[0],
-            pooling=pooling,
-            direction="both",
-            backend=backend,
-        )
-        gv, gt = torch.autograd.grad(out.sum(), (v, t))
-        outs.append((out, gv, gt))
+    outs = padding_fill_runs(make_case(9, 4, 5, [(6, 7, 10)]), pooling, backend)
     for other in outs[1:]:
         for a, b in zip(outs[0], other):
             assert torch.equal(a, b)
