@@ -72,7 +72,9 @@ def temporary_folder(dest: Path) -> Path:
     return tmp
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Flush the folder ``path`` itself to disk, so that the names created, renamed or
+    removed in it last through a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -201,13 +203,13 @@ class TokenStoreWriter:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(self._tmp)
+        fsync_dir(self._tmp)
         old = None
         if self.path.exists():
             old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old-"))
             os.replace(self.path, old / "store")
         os.replace(self._tmp, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         if old is not None:
             shutil.rmtree(old)
         self._closed = True

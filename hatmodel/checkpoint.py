@@ -47,6 +47,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from hatkernels.store import fsync_dir
+
 from .config import apply_overrides, merge_config, validate_config
 from .models import RetrievalModel, build_model
 
@@ -67,14 +69,6 @@ _HASH_CHUNK = 1 << 20
 
 
 # --- files -------------------------------------------------------------------------------
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
@@ -321,10 +315,10 @@ def save_checkpoint(out_dir: str | Path, *, epoch: int, model: RetrievalModel,
                 "files": {name: {"bytes": (folder / name).stat().st_size, "sha256": digest}
                           for name, digest in files.items()}}
     manifest_sha = _write_json(folder / MANIFEST, manifest)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     _write_json(root / POINTER, {"format": FORMAT, "epoch": epoch, "folder": folder.name,
                                  "manifest_sha256": manifest_sha})
-    _fsync_dir(root)
+    fsync_dir(root)
     tidy(out_dir)
     return folder
 
