@@ -259,6 +259,28 @@ def bench_memory(cfg: Config, case: Case, w: Workload) -> None:
     assert not bad, bad
 
 
+def align_benchmarks(case: Case) -> tuple[Callable, Callable, Callable]:
+    """The three benchmark tests of one operator, for its test module to bind to names of its
+    own: W1 timing (forward, forward+backward), W2 peak memory (tiny shapes in the smoke
+    run), and the shape sweep (with --benchmark only)."""
+    import pytest  # here, not at the top: the peak-memory child process imports this module
+
+    @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+    def w1(benchmark, bench, mode):
+        bench_timing(benchmark, bench, case, W1 if bench.full else TINY, mode)
+
+    def w2_memory(bench):
+        bench_memory(bench, case, W2 if bench.full else TINY_MEMORY)
+
+    @pytest.mark.parametrize("workload", SWEEP, ids=lambda w: w.name.replace(" ", "_"))
+    def sweep(benchmark, bench, workload):
+        if not bench.full:
+            pytest.skip("the shape sweep runs with --benchmark")
+        bench_timing(benchmark, bench, case, workload, "fwd", rounds=min(3, bench.rounds))
+
+    return w1, w2_memory, sweep
+
+
 def _proc_status(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
