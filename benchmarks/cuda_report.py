@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from report_common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "cuda_report.md"
@@ -323,9 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         "Sanitizer: `compute-sanitizer --tool memcheck python benchmarks/cuda_report.py "
         "--sanitize` (also `--tool racecheck`, `--tool synccheck`).",
     ]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+    write_report(args.out, report)
     return 0
 
 

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from report_common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_report.md"
@@ -324,9 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     hat.tensors = {}
     report += ["", "## Backward vs forward (bfloat16)", ""]
     report += backward_ratio(rounds, device, mode)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(report) + "\n")
-    print("\n".join(report))
+    write_report(args.out, report)
     return 0
 
 
