@@ -252,14 +252,19 @@ def i2t_col_sq(v_ptr, v_row0, m_i, t_ptr, t_rows, cvalid, D,
 
 
 @triton.jit
-def i2t_tile(v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
-              SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BT: tl.constexpr,
-              NP: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
-              GRAM_PRECISION: tl.constexpr):
-    """One row tile of an i2t pair block: similarities ``s``, ``a``, the norms' sums of
-    squares (computed here when ``SINGLE``), attention ``alpha`` ``[R, W]``, ``alpha G``,
-    ``<V_r, c_r>`` and ``|c_r|^2`` ``[R, BT]``."""
+def i2t_tile(v_ptr, v_norm_ptr, v_row0, r0, m_i, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
+             SINGLE: tl.constexpr, BLOCK_R: tl.constexpr, BT: tl.constexpr,
+             NP: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+             GRAM_PRECISION: tl.constexpr):
+    """The row tile from ``r0`` of an i2t pair block (image of ``m_i`` tokens from row
+    ``v_row0``): its ``rows``, their validity and the tokens' norms ``[R]``, similarities
+    ``s``, ``a``, the norms' sums of squares (computed here when ``SINGLE``), attention
+    ``alpha`` ``[R, W]``, ``alpha G``, ``<V_r, c_r>`` and ``|c_r|^2`` ``[R, BT]``; the
+    forward and both backward passes read a row tile through it."""
     W: tl.constexpr = BT * NP
+    rows = r0 + tl.arange(0, BLOCK_R)
+    rvalid = rows < m_i
+    v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
     s = similarities(v_ptr, v_row0 + rows, rvalid, t_ptr, t_rows, cvalid, D,
                       BLOCK_R, W, BLOCK_D, PRECISION)
     a = leaky(s)  # padding was loaded as 0, so a (and s) are 0 there
@@ -278,7 +283,7 @@ def i2t_tile(v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D
     # reaches its own caption's score through ``num``.
     alpha_g = tl.dot(tl.where(alpha == alpha, alpha, 0.0), gram, input_precision=GRAM_PRECISION)
     c_sq = segment_sum(alpha_g * alpha, BLOCK_R, BT, NP)  # |c_r|^2
-    return s, a, col_sq, alpha, alpha_g, num, c_sq
+    return rows, rvalid, v_norm, s, a, col_sq, alpha, alpha_g, num, c_sq
 
 
 def _chunks(x: Tensor, lengths: Tensor):

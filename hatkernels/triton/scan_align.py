@@ -65,6 +65,18 @@ def _write(where, value, mask, ACCUMULATE: tl.constexpr):
     tl.store(where, value, mask=mask)
 
 
+@triton.jit
+def _program_block(v_len_ptr, t_len_ptr, Bi, Bt, M, N, NP: tl.constexpr, BT: tl.constexpr,
+                   GROUP: tl.constexpr):
+    """What a forward program (either direction) owns, in grouped order: image ``i``, its
+    caption block from ``j0`` laid out by ``columns`` (``j, w``, validity, text rows), the
+    image's length and its first row in ``images.view(-1, D)``."""
+    i, block = tile_of(tl.program_id(0), Bi, tl.cdiv(Bt, BT), GROUP)
+    j0 = block * BT
+    j, w, cvalid, t_rows = columns(t_len_ptr, j0, Bt, N, NP, BT)
+    return i, j0, j, w, cvalid, t_rows, tl.load(v_len_ptr + i), i.to(tl.int64) * M
+
+
 @triton.autotune(configs=SCAN_CONFIGS, key=["M", "N", "D"])
 @triton.heuristics(SCAN_HEURISTICS)
 @triton.jit
@@ -77,11 +89,8 @@ def _scan_i2t_kernel(
     GROUP: tl.constexpr = 8,
 ):
     W: tl.constexpr = BT * NP
-    i, block = tile_of(tl.program_id(0), Bi, tl.cdiv(Bt, BT), GROUP)
-    j0 = block * BT
-    j, w, cvalid, t_rows = columns(t_len_ptr, j0, Bt, N, NP, BT)
-    m_i = tl.load(v_len_ptr + i)
-    v_row0 = i.to(tl.int64) * M
+    i, j0, j, w, cvalid, t_rows, m_i, v_row0 = _program_block(v_len_ptr, t_len_ptr, Bi, Bt, M,
+                                                              N, NP, BT, GROUP)
     gram = caption_grams(gram_ptr, j, w, cvalid, N, NP, BT)
     col_sq = tl.zeros([W], dtype=tl.float32)
     if not SINGLE:
@@ -89,12 +98,9 @@ def _scan_i2t_kernel(
                              BLOCK_R, W, BLOCK_D, PRECISION)
     total = tl.zeros([BT], dtype=tl.float32)
     for r0 in range(0, m_i, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        rvalid = rows < m_i
-        _, _, _, _, _, num, c_sq = i2t_tile(
-            v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
+        _, rvalid, v_norm, _, _, _, _, _, num, c_sq = i2t_tile(
+            v_ptr, v_norm_ptr, v_row0, r0, m_i, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
             SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
-        v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
         q = num / tl.maximum(v_norm[:, None] * tl.sqrt(tl.maximum(c_sq, 0.0)), EPS)
         total += tl.sum(tl.where(rvalid[:, None], q, 0.0), axis=0)
     if IS_MEAN:
@@ -128,11 +134,8 @@ def _scan_t2i_kernel(
     GROUP: tl.constexpr = 8,
 ):
     W: tl.constexpr = BT * NP
-    i, block = tile_of(tl.program_id(0), Bi, tl.cdiv(Bt, BT), GROUP)
-    j0 = block * BT
-    j, w, cvalid, t_rows = columns(t_len_ptr, j0, Bt, N, NP, BT)
-    m_i = tl.load(v_len_ptr + i)
-    v_row0 = i.to(tl.int64) * M
+    i, j0, j, w, cvalid, t_rows, m_i, v_row0 = _program_block(v_len_ptr, t_len_ptr, Bi, Bt, M,
+                                                              N, NP, BT, GROUP)
 
     # Online softmax over image tokens, per word: running max, sum, and sum of p * S.
     top = tl.full([W], float("-inf"), tl.float32)

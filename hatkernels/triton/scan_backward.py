@@ -113,22 +113,16 @@ def _scan_i2t_backward_kernel(
             col_sq = i2t_col_sq(v_ptr, v_row0, m_i, t_ptr, t_rows, cvalid, D,
                                  BLOCK_R, W, BLOCK_D, PRECISION)
             for r0 in range(0, m_i, BLOCK_R):
-                rows = r0 + tl.arange(0, BLOCK_R)
-                rvalid = rows < m_i
-                s, a, col_sq, alpha, alpha_g, num, c_sq = i2t_tile(
-                    v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
-                    SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
-                v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
+                _, rvalid, v_norm, s, a, col_sq, alpha, alpha_g, num, c_sq = i2t_tile(
+                    v_ptr, v_norm_ptr, v_row0, r0, m_i, t_ptr, t_rows, cvalid, gram, col_sq,
+                    D, lam, SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
                 d_b, _, _, _ = _i2t_tile_grads(s, a, alpha, alpha_g, num, c_sq, v_norm, g,
                                                rvalid, lam, BLOCK_R, BT, NP)
                 col_db_a += tl.sum(d_b * a, axis=0)
         for r0 in range(0, m_i, BLOCK_R):
-            rows = r0 + tl.arange(0, BLOCK_R)
-            rvalid = rows < m_i
-            s, a, col_sq, alpha, alpha_g, num, c_sq = i2t_tile(
-                v_ptr, v_row0, rows, rvalid, t_ptr, t_rows, cvalid, gram, col_sq, D, lam,
-                SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
-            v_norm = tl.load(v_norm_ptr + v_row0 + rows, mask=rvalid, other=0.0)
+            rows, rvalid, v_norm, s, a, col_sq, alpha, alpha_g, num, c_sq = i2t_tile(
+                v_ptr, v_norm_ptr, v_row0, r0, m_i, t_ptr, t_rows, cvalid, gram, col_sq, D,
+                lam, SINGLE, BLOCK_R, BT, NP, BLOCK_D, PRECISION, GRAM_PRECISION)
             d_b, d_num, d_csq, d_vnorm = _i2t_tile_grads(s, a, alpha, alpha_g, num, c_sq,
                                                          v_norm, g, rvalid, lam, BLOCK_R, BT, NP)
             if SINGLE:
