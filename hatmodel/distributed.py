@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -127,8 +128,16 @@ def setup(cfg: dict[str, Any], device: torch.device,
 
 
 def shutdown() -> None:
-    """Leave the process group, if this process joined one."""
+    """Leave the process group, if this process joined one.
+
+    After a normal end every rank first waits for the others: a rank that tears down its
+    connections while another still finishes the last collective can make that one abort
+    (gloo: "terminate called without an active exception"). Called while an exception
+    propagates (from a ``finally``), it leaves at once instead of waiting for ranks that may be
+    gone."""
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 

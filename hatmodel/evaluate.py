@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .config import PROTOCOLS
 from .data import image_loader
+from .distributed import shutdown
 from .models import RetrievalModel, Tokens
 from .runtime import amp_autocast, pick_device
 from .store_eval import init_distributed, score_with_store, wants_store
@@ -214,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     if group is not None:
         rank = torch.distributed.get_rank(group)
-        torch.distributed.destroy_process_group()
+        shutdown()
         if rank:
             return metrics
     print(f"{args.split} ({protocol}, {dataset.n_images} images): {format_metrics(metrics)}")

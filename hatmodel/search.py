@@ -22,6 +22,7 @@ from PIL import Image
 
 from hatkernels import hier_topk
 
+from .distributed import shutdown
 from .index import model_fingerprint, read_index
 from .models import Tokens
 from .runtime import pick_device
@@ -213,7 +214,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 print(f"wrote {draw(searcher, shown, hits, args.out)}")
     finally:
         if group is not None:
-            torch.distributed.destroy_process_group()
+            shutdown()
     return hits
 
 

@@ -50,6 +50,7 @@ def worker(rank: int, world: int, folder: str, cuts: list[tuple[int, int]]) -> N
         store = TokenStore.open(f"{folder}/store")
         out = searches(*inputs(), cuts[rank], store.split(rank, world), group=dist.group.WORLD)
         save_file(out, f"{folder}/rank{rank}.safetensors")
+        dist.barrier()  # no rank tears down while another finishes the last collective
     finally:
         dist.destroy_process_group()
 

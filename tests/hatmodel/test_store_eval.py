@@ -74,6 +74,7 @@ def worker(rank: int, folder: str) -> None:
                                 memory_budget=SMALL_BUDGET, progress=False,
                                 group=dist.group.WORLD)
         save_file({"sims": sims}, f"{folder}/rank{rank}.safetensors")
+        dist.barrier()  # no rank tears down while another finishes the last collective
     finally:
         dist.destroy_process_group()
 
