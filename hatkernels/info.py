@@ -44,7 +44,8 @@ def report() -> str:
 def cpu_isa_report() -> str:
     """The instruction-set level the compiled CPU kernels run at and the levels this CPU
     supports (the best is the default; ``HATKERNELS_CPU_ISA`` forces one), whether the max
-    forward screens with int8 codes (``HATKERNELS_CPU_SCREEN=1``), or why not known."""
+    forward screens with int8 codes (on by default where the CPU has AVX-512 VNNI;
+    ``HATKERNELS_CPU_SCREEN=0`` turns it off), or why not known."""
     try:
         ext = importlib.import_module("hatkernels._C_cpu")
     except ImportError as exc:

@@ -40,12 +40,12 @@ bool cpu_has_vnni() {
 #endif
 }
 
-// HATKERNELS_CPU_SCREEN: true when "1", false when unset, empty or "0".
+// HATKERNELS_CPU_SCREEN: false when "0", true when "1", unset or empty.
 bool screen_wanted() {
   const char* env = std::getenv(kScreenEnv);
   const std::string wanted = env ? env : "";
-  if (wanted == "1") return true;
-  if (wanted.empty() || wanted == "0") return false;
+  if (wanted.empty() || wanted == "1") return true;
+  if (wanted == "0") return false;
   throw std::invalid_argument(std::string(kScreenEnv) + ": expected 0 or 1, got '" + wanted +
                               "'");
 }
@@ -112,7 +112,7 @@ bool screening() {
 }
 
 std::string screening_status() {
-  if (!screen_wanted()) return std::string("off (") + kScreenEnv + "=1 turns it on)";
+  if (!screen_wanted()) return std::string("off (") + kScreenEnv + "=0)";
   if (active_isa() != Isa::kAvx512) return "off (needs the avx512 level)";
   if (!cpu_has_vnni()) return "off (this CPU has no AVX-512 VNNI)";
   return "on (max pooling forward: int8 VNNI screening, float32 for the candidates)";

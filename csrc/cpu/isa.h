@@ -58,10 +58,9 @@ std::vector<Isa> supported_isas();
 // "HATKERNELS_CPU_ISA", for an unknown level or one this CPU cannot run.
 Isa active_isa();
 
-// Whether the max forward screens with int8 codes (max_align_screen.h): when
-// HATKERNELS_CPU_SCREEN is "1" (unset, empty or "0": no; read on every call), at the avx512
-// level on a CPU with AVX-512 VNNI. Off by default: on W1 it only matched the float32 kernel
-// (docs/cpu-kernels.md). Throws std::invalid_argument, its message starting with
+// Whether the max forward screens with int8 codes (max_align_screen.h): at the avx512 level on
+// a CPU with AVX-512 VNNI, unless HATKERNELS_CPU_SCREEN is "0" ("1", unset or empty: yes; read
+// on every call). Throws std::invalid_argument, its message starting with
 // "HATKERNELS_CPU_SCREEN", for another value.
 bool screening();
 

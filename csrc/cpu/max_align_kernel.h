@@ -103,8 +103,8 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
   plan.b = max_gemm::aligned_floats(plan.b_start[n_cg]);
 #if HATK_CPU_AVX512
   if (screen) {
-    plan.qv = max_screen::quantise(plan.v_rows, plan.v.rows, 128);
-    plan.qt = max_screen::quantise(plan.t_rows, plan.t.rows, 0);
+    plan.qv = max_screen::quantise(plan.v_rows, plan.v.rows, plan.v.off.data(), p.bi);
+    plan.qt = max_screen::quantise(plan.t_rows, plan.t.rows, nullptr, 0);
     plan.a8.resize(plan.v.rows * plan.qv.d4);
     plan.b8.resize(plan.b_start[n_cg] / d * plan.qv.d4);
   }
@@ -332,47 +332,47 @@ Problem as_t2i(const Problem& p) {
 
 #if HATK_CPU_AVX512
 // The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
-// float32 kernel (norms that could overflow the bound, too many candidates).
+// float32 kernel (too many candidates). win: per-thread scratch of the tile's columns.
 bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
                    float* q, float* out) {
-  const auto most = [](const std::vector<float>& x, int64_t b, int64_t n) {
-    return *std::max_element(x.begin() + b, x.begin() + b + n);
-  };
-  const double nq = most(plan.qv.norm, t.r0, t.rows), nk = most(plan.qt.norm, t.w0, t.cols);
-  if (!(nq * nk < 1e30)) return false;
   const int64_t d4 = plan.qv.d4;
   max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + t.r0 * d4, t.rows,
                                      plan.b8.data() + plan.b_start[t.b] / p.d * d4, t.cols,
                                      d4, s.c.data(), t.cols);
-  s.candidates.clear();
   const int64_t limit = t.rows * t.cols / max_screen::kMaxCandidateShare;
+  int64_t extra = 0;
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t r0 = plan.v.off[i];
-    if (!max_screen::screen_image(s.c.data() + (r0 - t.r0) * t.cols, p.image_lengths[i],
-                                  t.cols, r0, t.w0, plan.qv, plan.qt, limit, s.lower.data(),
-                                  s.candidates))
-      return false;
-  }
-  // Candidates come image by image: each image's words take their candidates' maximum.
-  size_t k = 0;
-  for (int64_t i = t.i0; i < t.i1; ++i) {
-    std::fill(q, q + t.cols, -std::numeric_limits<float>::infinity());
-    for (; k < s.candidates.size() && plan.v.owner[s.candidates[k]] == i; k += 2) {
-      const int64_t r = s.candidates[k], w = s.candidates[k + 1];
-      const float x = max_screen::dot(plan.v_rows.row(r), plan.t_rows.row(w), p.d);
-      q[w - t.w0] = x > q[w - t.w0] ? x : q[w - t.w0];
-    }
+    const max_screen::Image im{s.c.data() + (r0 - t.r0) * t.cols, p.image_lengths[i], t.cols, r0};
+    extra += max_screen::screen_image(im, t.cols, t.w0, plan.qv, plan.qt, plan.v_rows,
+                                      plan.t_rows, q, s.win.data(), s.thr.data());
+    if (extra > limit) return false;
     write_t2i(p, plan, t, i, q, out);
   }
   return true;
 }
+
 #endif
+
+// Which tiles of a call are screened: kProbeTiles tiles spread over the call are screened
+// first; when more than one in kGiveUpShare of them falls back (data that defeats screening),
+// every other tile runs the float32 kernel, so such data costs little more than float32. The
+// choice depends only on the inputs (not on the thread count or the scheduling), so results
+// stay bit-identical from run to run.
+constexpr int64_t kProbeTiles = 8, kGiveUpShare = 8;
 
 void forward(const Problem& p, bool transposed, float* out) {
   const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I;
   const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
+#if HATK_CPU_AVX512
+  // Probe tiles (screened forwards only): probe j is tile j * n_tiles / n_probe; probed[k]:
+  // 1 when tile k was screened by the probe, 2 when it fell back.
+  const int64_t n_tiles = n_ig * n_cg;
+  const int64_t n_probe = screen ? std::min(kProbeTiles, n_tiles) : 0;
+  std::vector<char> probed(screen ? n_tiles : 0, 0);
+#endif
 #pragma omp parallel
   {
     const SingleThreadedBlas one_blas_thread;
@@ -383,14 +383,25 @@ void forward(const Problem& p, bool transposed, float* out) {
     max_screen::Scratch s;
     if (screen) {
       s.c.resize(plan.max_rows * plan.max_cols);
-      s.lower.resize(plan.max_cols);
+      s.win.resize(plan.max_cols);
+      s.thr.resize(plan.max_cols);
     }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t j = 0; j < n_probe; ++j) {
+      const int64_t k = j * n_tiles / n_probe;
+      probed[k] = screened_tile(p, plan, tile_of(plan, k / n_cg, k % n_cg), s, q.get(), out) ? 1 : 2;
+    }
+    // Implicit barrier: every probe is done.
+    int64_t fell = 0;
+    for (int64_t j = 0; j < n_probe; ++j) fell += probed[j * n_tiles / n_probe] == 2;
+    const bool keep = screen && fell * kGiveUpShare <= n_probe;
 #endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < n_ig * n_cg; ++k) {
       const Tile t = tile_of(plan, k / n_cg, k % n_cg);
 #if HATK_CPU_AVX512
-      if (screen && screened_tile(p, plan, t, s, q.get(), out)) continue;
+      if (screen && (probed[k] == 1 || (!probed[k] && keep && screened_tile(p, plan, t, s, q.get(), out))))
+        continue;
 #endif
       similarities(plan, t, p.d, c.get());
       pool_tile(p, plan, t, c.get(), q.get(), acc.get(), out);

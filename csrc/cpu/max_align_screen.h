@@ -3,37 +3,41 @@
 // word's maximum. The result equals the float32 kernel's up to float32 rounding of the
 // winning dot product (same winners), never an approximation.
 //
-// Codes. Each valid token x (d floats) gets a scale s = max_k |x_k| / 127 and integer codes
-// c_k = round(x_k / s) in [-127, 127]; its quantised vector is x' = s c. Image tokens are
-// stored as c + 128 (unsigned bytes: vpdpbusd multiplies unsigned by signed bytes), words as
-// c; the int32 GEMM of a tile gives sum_k (c_q + 128) c_k exactly (|.| <= d * 255 * 127, no
-// overflow below d = 66,000), minus 128 sum_k c_k (per word) = <c_q, c_k>, and
-// s' = <q', k'> = s_q s_k <c_q, c_k>, rounded to float32 in two steps (relative error <= 3u,
-// u = 2^-24; the conversion to float is exact while |<c_q, c_k>| < 2^24).
+// Codes. Every valid token x of the query ("image") side is coded with one scale per item,
+// S = max |x_k| over the item's valid tokens / 127, as c_k = round(x_k / S) in [-127, 127],
+// stored as c + 128 (unsigned bytes: vpdpbusd multiplies unsigned by signed bytes). Every word
+// y gets its own scale s = max_k |y_k| / 127 and signed codes c'_k. The int32 GEMM of a tile
+// gives D = sum_k (c_k + 128) c'_k exactly (|D| <= d * 255 * 127 < 2^31 below d = 66,000), so
+// the quantised vectors x' = S c and y' = s c' have the exact dot product
+//   <x', y'> = S s (D - 128 sum_k c'_k).
+// For one image and one word, S, s and the correction are the same for every image token, so
+// the image tokens' order by <x', y'> is their order by the integer D.
 //
-// The bound. For an image token q and a word k, with e_q = |q - q'| and e_k = |k - k'|
-// (Euclidean norms, computed in double from the actual codes), Cauchy-Schwarz gives
-//   |<q, k> - <q', k'>| = |<q - q', k> + <q', k - k'>| <= e_q |k| + |q'| e_k.
-// The float32 kernel's value s_f of <q, k> (d fused multiply-adds in some order) obeys
-//   |s_f - <q, k>| <= gamma_d sum_k |q_k k_k| <= gamma_d |q| |k|, gamma_d = d u / (1 - d u),
-// plus at most d * 2^-149 from gradual underflow. With N_x = max(|x|, |x'|) rounded up and
-// R_x = e_x + c N_x, c = (gamma_d + 8u) / 2, the computed s' satisfies
-//   |s_f - s'| <= E = R_q N_k + N_q R_k + 1e-30,
-// where the 8u N_q N_k inside E covers the rounding of s' and of the few float32 operations
-// that form E, s' - E and s' + E (each below 2u N_q N_k), and 1e-30 the underflow terms.
-// So for one word and one image, with L = max_r (s'_r - E_r), every image token r with
-// s'_r + E_r < L has s_f,r < L <= s_f,r* for the token r* reaching L: it is not the float32
-// maximum and is dropped. The float32 maximum is among the others (the candidates), which are
-// recomputed in float32 (row-major dot products), and the word takes their maximum.
-// Comparisons are written so that NaN keeps a token a candidate; a tile whose norms could
-// overflow (N_q N_k >= 1e30) or that leaves more than one candidate in kMaxCandidateShare of
-// its entries (near-ties, huge dynamic range) is computed by the float32 kernel instead.
+// The bound. With e_x = |x - x'| (Euclidean norms, computed in double from the actual codes),
+// Cauchy-Schwarz gives |<x, y> - <x', y'>| = |<x - x', y> + <x', y - y'>| <= e_x |y| + |x'| e_y.
+// A float32 dot product f of <x, y> (d fused multiply-adds in any order) obeys
+// |f - <x, y>| <= gamma_d |x| |y|, gamma_d = d u / (1 - d u), u = 2^-24 (plus at most d 2^-149
+// from gradual underflow). With N_x = max(|x|, |x'|) and R_x = e_x + (gamma_d / 2) N_x, both
+// rounded up, |f - <x', y'>| <= R_x N_y + N_x R_y. Over an image (its largest R and N: one
+// bound for all its tokens) and one word: E = max R N_y + max N R_y + 1e-30.
 //
-// Random unit tokens at d = 256 leave about 2.5 candidates per word and image of 49 tokens.
-// Cost on W1 (256 images x 49 tokens, 1,280 captions, d = 256, 2-core AVX-512 Xeon): the int8
-// GEMM takes about 0.28 of the float32 GEMM's time, but screening and the candidates' dot
-// products take as much again, so the tile costs about what the float32 kernel does; a tile
-// that falls back costs about 1.5x. Hence off by default (isa.h).
+// Screening one image and one word. Let r* be the first token with the largest D and v its
+// float32 dot product with the word (computed). A token r can only reach v if
+// <x'_r, y'> + E >= v, i.e. if D_r >= (v - E) / (S s) + 128 sum c' (the threshold, computed in
+// double and rounded down by a margin far above double rounding); every other token r has
+// f_r <= <x'_r, y'> + E < v, so it is not the float32 maximum and is dropped. The candidates
+// (typically one or two besides r* on random unit tokens) are recomputed in float32 and the
+// word takes their maximum. Comparisons of the threshold are in integers; a threshold that is
+// not finite (zero scales, overflowing norms) keeps every token a candidate.
+//
+// Cost. Per image, a max pass and a compare pass over its int32 rows, one float32 dot product
+// per word for r* and one per extra candidate; the int8 GEMM does 4x the multiply-adds of the
+// float32 one per instruction. The dot products are what remains expensive (two 1 KiB rows
+// from L2 each, about 10 GEMM entries' worth), which is why the bound waits for v: it leaves
+// 0.76 extra candidates per word and image of 49 random unit tokens at d = 256, where a bound
+// from the quantised values alone leaves 2. A tile that leaves more than one extra candidate
+// per kMaxCandidateShare entries (near-ties, huge dynamic range) is given to the float32
+// kernel, and so is a whole call whose probe tiles fall back (max_align_kernel.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -49,12 +53,12 @@ namespace hatkernels::cpu::HATK_CPU_LEVEL::max_screen {
 
 using max_gemm::I8;
 
-// A tile falls back to float32 when it has more than one candidate per this many entries (a
-// candidate's row-major dot product costs about as much as three entries of the GEMM).
-constexpr int64_t kMaxCandidateShare = 6;
+// A tile falls back to float32 when it has more than one extra candidate per this many
+// entries (a candidate's dot product costs a few entries of the GEMM).
+constexpr int64_t kMaxCandidateShare = 8;
 
-// One side's valid tokens as int8 codes, four per int32, row-major [rows][d4]; and per token
-// the code scale, N and R of the bound (see above) and the sum of its codes.
+// One side's valid tokens as int8 codes, four per int32, row-major [rows][d4]; per token its
+// code scale, N and R of the bound (see above) and the sum of its codes.
 struct Codes {
   std::vector<int32_t> words;
   std::vector<float> scale, norm, radius;
@@ -64,8 +68,43 @@ struct Codes {
   const int32_t* row(int64_t r) const { return words.data() + r * d4; }
 };
 
-// Codes of packed rows [0, rows) of src (offset: 128 for the unsigned image side, else 0).
-inline Codes quantise(const max_gemm::Rows& src, int64_t rows, int offset) {
+// Codes of one token x (d floats) at scale s into bytes (plus offset); fills the bound terms.
+inline void code_token(const float* x, int64_t d, float s, int offset, uint8_t* bytes,
+                       int64_t padded, Codes& q, int64_t r) {
+  const double u = std::ldexp(1.0, -24), gamma = d * u / (1 - d * u);
+  // Rounded up past the double rounding of the norms and their conversion to float.
+  const double up = 1 + 1e-6;
+  const float inv = s > 0.f ? 1.f / s : 0.f;
+  double xx = 0, qq = 0, ee = 0;
+  int32_t sum = 0;
+  for (int64_t k = 0; k < d; ++k) {
+    // x * (1 / s) may round differently from x / s: any code is fine, e is measured exactly.
+    const int code = static_cast<int>(std::clamp(std::nearbyint(x[k] * inv), -127.f, 127.f));
+    const double xq = static_cast<double>(s) * code;
+    xx += static_cast<double>(x[k]) * x[k];
+    qq += xq * xq;
+    ee += (x[k] - xq) * (x[k] - xq);
+    sum += code;
+    bytes[k] = static_cast<uint8_t>(code + offset);
+  }
+  for (int64_t k = d; k < padded; ++k) bytes[k] = static_cast<uint8_t>(offset);
+  const double n = std::max(std::sqrt(xx), std::sqrt(qq)) * up;
+  q.scale[r] = s;
+  q.norm[r] = static_cast<float>(n * up);
+  q.radius[r] = static_cast<float>((std::sqrt(ee) * up + gamma / 2 * n) * up);
+  q.sum[r] = sum;
+}
+
+inline float code_scale(float amax) {
+  const float s = amax / 127.f;
+  return s > 0.f && std::isfinite(s) && std::isfinite(1.f / s) ? s : 0.f;
+}
+
+// Codes of packed rows [0, rows) of src. items_off (item offsets into the packed rows, n_items
+// items) gives one scale per item, with the unsigned offset 128 (the image side); null gives
+// one scale per token, signed (the word side).
+inline Codes quantise(const max_gemm::Rows& src, int64_t rows, const int64_t* items_off,
+                      int64_t n_items) {
   Codes q;
   const int64_t d = src.d, d4 = (d + 3) / 4;
   q.d4 = q.d = d4;
@@ -74,35 +113,26 @@ inline Codes quantise(const max_gemm::Rows& src, int64_t rows, int offset) {
   q.norm.resize(rows);
   q.radius.resize(rows);
   q.sum.resize(rows);
-  const double u = std::ldexp(1.0, -24), gamma = d * u / (1 - d * u), c = (gamma + 8 * u) / 2;
-  // Rounded up past the double rounding of the norms and their conversion to float.
-  const double up = 1 + 1e-6;
-#pragma omp parallel for schedule(static)
-  for (int64_t r = 0; r < rows; ++r) {
+  const auto amax = [&](int64_t r) {
     const float* x = src.row(r);
-    float amax = 0.f;
-    for (int64_t k = 0; k < d; ++k) amax = std::max(amax, std::fabs(x[k]));
-    float s = amax / 127.f;
-    if (!(s > 0.f) || !std::isfinite(s) || !std::isfinite(127.f / s)) s = 0.f;
-    auto* bytes = reinterpret_cast<uint8_t*>(q.words.data() + r * d4);
-    double xx = 0, qq = 0, ee = 0;
-    int32_t sum = 0;
-    for (int64_t k = 0; k < d; ++k) {
-      const int code =
-          s > 0.f ? static_cast<int>(std::clamp(std::nearbyint(x[k] / s), -127.f, 127.f)) : 0;
-      const double xq = static_cast<double>(s) * code;
-      xx += static_cast<double>(x[k]) * x[k];
-      qq += xq * xq;
-      ee += (x[k] - xq) * (x[k] - xq);
-      sum += code;
-      bytes[k] = static_cast<uint8_t>(code + offset);
+    float a = 0.f;
+#pragma omp simd reduction(max : a)
+    for (int64_t k = 0; k < d; ++k) a = std::max(a, std::fabs(x[k]));
+    return a;
+  };
+  const auto bytes = [&](int64_t r) { return reinterpret_cast<uint8_t*>(q.words.data() + r * d4); };
+  if (items_off) {
+#pragma omp parallel for schedule(dynamic, 16)
+    for (int64_t i = 0; i < n_items; ++i) {
+      float a = 0.f;
+      for (int64_t r = items_off[i]; r < items_off[i + 1]; ++r) a = std::max(a, amax(r));
+      const float s = code_scale(a);
+      for (int64_t r = items_off[i]; r < items_off[i + 1]; ++r)
+        code_token(src.row(r), d, s, 128, bytes(r), 4 * d4, q, r);
     }
-    for (int64_t k = d; k < 4 * d4; ++k) bytes[k] = static_cast<uint8_t>(offset);
-    const double n = std::max(std::sqrt(xx), std::sqrt(qq)) * up;
-    q.scale[r] = s;
-    q.norm[r] = static_cast<float>(n * up);
-    q.radius[r] = static_cast<float>((std::sqrt(ee) * up + c * n) * up);
-    q.sum[r] = sum;
+  } else {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; ++r) code_token(src.row(r), d, code_scale(amax(r)), 0, bytes(r), 4 * d4, q, r);
   }
   return q;
 }
@@ -127,64 +157,101 @@ inline float dot(const float* x, const float* y, int64_t d) {
 
 // Per-thread buffers of a screened tile.
 struct Scratch {
-  std::vector<int32_t> c;           // int32 similarities [rows, cols]
-  std::vector<float> lower;         // cols floats
-  std::vector<int32_t> candidates;  // (tile row, tile column) pairs
+  std::vector<int32_t> c;    // int32 similarities [rows, cols]
+  std::vector<int32_t> win;  // cols: every word's winning row within the image
+  std::vector<int32_t> thr;  // cols: every word's threshold on D
 };
 
-// Screens one image's rows [r0, r0 + m) of the tile (int32 similarities ci, leading
-// dimension cols; tile rows from row t_r0, words from w0) and appends its candidates; returns
-// false as soon as the tile holds more than `limit` candidates. Row by row, so that C is read
-// in order: the first pass overwrites each int32 entry with its upper bound s' + E (a float)
-// and keeps every word's best lower bound s' - E in lower (cols floats), the second compares.
-inline bool screen_image(int32_t* ci, int64_t m, int64_t cols, int64_t r0, int64_t w0,
-                         const Codes& qv, const Codes& qt, int64_t limit, float* lower,
-                         std::vector<int32_t>& out) {
-  const __m512 tiny = _mm512_set1_ps(1e-30f);
-  float* upper = reinterpret_cast<float*>(ci);
-  std::fill(lower, lower + cols, -std::numeric_limits<float>::infinity());
-  for (int64_t r = 0; r < m; ++r) {
-    const __m512 sq = _mm512_set1_ps(qv.scale[r0 + r]);
-    const __m512 nq = _mm512_set1_ps(qv.norm[r0 + r]);
-    const __m512 rq = _mm512_set1_ps(qv.radius[r0 + r]);
+// One image of a screened tile: its int32 similarities ci [m, cols] (leading dimension ldc),
+// its packed rows from r0, the tile's words from w0.
+struct Image {
+  const int32_t* ci;
+  int64_t m, ldc, r0;
+};
+
+// Screens one image against the tile's words: writes every word's float32 maximum to q and
+// its winning row (within the image) to win, and returns the number of extra candidates
+// (tokens recomputed besides each word's best by D). The passes run row by row, so the int32
+// similarities are read in order; per-word state (thr: cols int32) stays in L1.
+inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Codes& qv,
+                            const Codes& qt, const max_gemm::Rows& v_rows,
+                            const max_gemm::Rows& t_rows, float* q, int32_t* win,
+                            int32_t* thr) {
+  const int64_t d = v_rows.d;
+  float rbar = 0.f, nbar = 0.f;
+  for (int64_t r = im.r0; r < im.r0 + im.m; ++r) {
+    rbar = std::max(rbar, qv.radius[r]);
+    nbar = std::max(nbar, qv.norm[r]);
+  }
+  const auto lanes = [&](int64_t w) {
+    return static_cast<__mmask16>(cols - w >= 16 ? 0xffffu : (1u << (cols - w)) - 1u);
+  };
+  // Pass 1: every word's largest D (in thr for now) and its first row (in win).
+  for (int64_t w = 0; w < cols; w += 16) {
+    _mm512_mask_storeu_epi32(thr + w, lanes(w), _mm512_maskz_loadu_epi32(lanes(w), im.ci + w));
+    _mm512_mask_storeu_epi32(win + w, lanes(w), _mm512_setzero_si512());
+  }
+  for (int64_t r = 1; r < im.m; ++r) {
+    const int32_t* cr = im.ci + r * im.ldc;
+    const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
     for (int64_t w = 0; w < cols; w += 16) {
-      const __mmask16 m16 =
-          static_cast<__mmask16>(cols - w >= 16 ? 0xffffu : (1u << (cols - w)) - 1u);
-      const int64_t x = w0 + w;
-      const __m512i corr =
-          _mm512_slli_epi32(_mm512_maskz_loadu_epi32(m16, qt.sum.data() + x), 7);
-      const __m512i dots =
-          _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m16, ci + r * cols + w), corr);
-      const __m512 s = _mm512_mul_ps(_mm512_cvtepi32_ps(dots),
-                                     _mm512_mul_ps(sq, _mm512_maskz_loadu_ps(m16, qt.scale.data() + x)));
-      const __m512 e = _mm512_add_ps(
-          _mm512_fmadd_ps(rq, _mm512_maskz_loadu_ps(m16, qt.norm.data() + x),
-                          _mm512_mul_ps(nq, _mm512_maskz_loadu_ps(m16, qt.radius.data() + x))),
-          tiny);
-      _mm512_mask_storeu_ps(lower + w, m16,
-                            _mm512_max_ps(_mm512_maskz_loadu_ps(m16, lower + w),
-                                          _mm512_sub_ps(s, e)));
-      _mm512_mask_storeu_ps(upper + r * cols + w, m16, _mm512_add_ps(s, e));
+      const __mmask16 m16 = lanes(w);
+      const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
+      const __m512i top = _mm512_maskz_loadu_epi32(m16, thr + w);
+      const __mmask16 gt = _mm512_mask_cmpgt_epi32_mask(m16, x, top);
+      _mm512_mask_storeu_epi32(thr + w, gt, x);
+      _mm512_mask_storeu_epi32(win + w, gt, row);
     }
   }
-  for (int64_t r = 0; r < m; ++r) {
+  // The best rows' float32 values, then every word's threshold on D.
+  for (int64_t w = 0; w < cols; ++w)
+    q[w] = dot(v_rows.row(im.r0 + win[w]), t_rows.row(w0 + w), d);
+  const __m512d scale_v = _mm512_set1_pd(qv.scale[im.r0]);
+  const __m512d r_v = _mm512_set1_pd(rbar), n_v = _mm512_set1_pd(nbar);
+  for (int64_t w = 0; w < cols; w += 8) {
+    const __mmask8 m8 =
+        static_cast<__mmask8>(cols - w >= 8 ? 0xffu : (1u << (cols - w)) - 1u);
+    const int64_t x = w0 + w;
+    const auto wide = [&](const float* p) {
+      return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m8, p));
+    };
+    const __m512d e = _mm512_add_pd(
+        _mm512_fmadd_pd(r_v, wide(qt.norm.data() + x), _mm512_mul_pd(n_v, wide(qt.radius.data() + x))),
+        _mm512_set1_pd(1e-30));
+    const __m512d t = _mm512_fmadd_pd(
+        _mm512_set1_pd(128.0),
+        _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m8, qt.sum.data() + x)),
+        _mm512_div_pd(_mm512_sub_pd(wide(q + w), e), _mm512_mul_pd(scale_v, wide(qt.scale.data() + x))));
+    // Rounded down by far more than the double rounding of t. A value that is not finite or
+    // past the int32 range converts to INT32_MIN: the word keeps every row.
+    const __m512d low = _mm512_sub_pd(
+        _mm512_sub_pd(t, _mm512_set1_pd(1.0)), _mm512_mul_pd(_mm512_abs_pd(t), _mm512_set1_pd(1e-9)));
+    _mm256_mask_storeu_epi32(thr + w, m8,
+                             _mm512_cvt_roundpd_epi32(low, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+  }
+  // Pass 2: every other row at or above its word's threshold is recomputed.
+  int64_t extra = 0;
+  for (int64_t r = 0; r < im.m; ++r) {
+    const int32_t* cr = im.ci + r * im.ldc;
+    const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
     for (int64_t w = 0; w < cols; w += 16) {
-      const __mmask16 m16 =
-          static_cast<__mmask16>(cols - w >= 16 ? 0xffffu : (1u << (cols - w)) - 1u);
-      // Not (upper < lower): NaN keeps the entry a candidate.
-      uint32_t hits = static_cast<uint32_t>(_mm512_mask_cmp_ps_mask(
-          m16, _mm512_maskz_loadu_ps(m16, upper + r * cols + w),
-          _mm512_maskz_loadu_ps(m16, lower + w), _CMP_NLT_UQ));
+      const __mmask16 m16 = lanes(w);
+      const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
+      uint32_t hits = _mm512_mask_cmpge_epi32_mask(m16, x, _mm512_maskz_loadu_epi32(m16, thr + w)) &
+                      ~_mm512_cmpeq_epi32_mask(_mm512_maskz_loadu_epi32(m16, win + w), row);
       while (hits) {
-        const int lane = __builtin_ctz(hits);
+        const int64_t l = w + __builtin_ctz(hits);
         hits &= hits - 1;
-        out.push_back(static_cast<int32_t>(r0 + r));
-        out.push_back(static_cast<int32_t>(w0 + w + lane));
+        ++extra;
+        const float v = dot(v_rows.row(im.r0 + r), t_rows.row(w0 + l), d);
+        if (v > q[l]) {
+          q[l] = v;
+          win[l] = static_cast<int32_t>(r);
+        }
       }
     }
-    if (static_cast<int64_t>(out.size()) > 2 * limit) return false;
   }
-  return true;
+  return extra;
 }
 
 #endif

@@ -1,9 +1,11 @@
 """Exact screened max pooling of the cpu backend (int8 VNNI codes, float32 for the candidates).
 
-HATKERNELS_CPU_SCREEN=1 turns it on; its scores must equal the float32 kernel's up to the
-rounding of the winning dot product (same winners) on random data and on data built to defeat
-the screening (exact and near ties, huge and tiny norms), every direction and reduce, with
-ragged lengths and NaN padding; gradients (the backward never screens) stay identical.
+On by default where the CPU has AVX-512 VNNI (HATKERNELS_CPU_SCREEN=0 turns it off); its scores
+must equal the float32 kernel's up to the rounding of the winning dot product (same winners) on
+random data and on data built to defeat the screening (exact and near ties, huge and tiny
+norms), every direction and reduce, with ragged lengths and NaN padding; gradients (the
+backward never screens) stay identical. Which tiles are screened depends only on the inputs,
+so the screened forward is bit-identical at any thread count.
 """
 
 from __future__ import annotations
@@ -118,11 +120,42 @@ def test_wide_dynamic_range_within_tokens(monkeypatch, direction):
     _assert_same_scores(plain, screened)
 
 
-def test_screened_forward_is_deterministic(monkeypatch):
-    images, texts, il, tl = _inputs(5, 31, 90, 49, 32, 64)
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_screened_forward_is_deterministic_at_any_thread_count(monkeypatch, direction):
+    # Many tiles (groups of ~400 tokens): the probe tiles and the rest run on several threads.
+    images, texts, il, tl = _inputs(5, 40, 300, 49, 32, 24)
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
-    first = ext.max_align_forward(images, texts, il, tl, 0, True)
-    assert torch.equal(first, ext.max_align_forward(images, texts, il, tl, 0, True))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], True)
+        torch.set_num_threads(2)
+        two = ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    assert torch.equal(two, ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], True))
+
+
+def test_screening_is_the_default(monkeypatch):
+    images, texts, il, tl = _inputs(8, 9, 30, 20, 12, 32)
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
+    on = ext.max_align_forward(images, texts, il, tl, 0, True)
+    monkeypatch.delenv("HATKERNELS_CPU_SCREEN")
+    assert torch.equal(on, ext.max_align_forward(images, texts, il, tl, 0, True))
+
+
+def test_data_that_defeats_screening_runs_the_float32_kernel(monkeypatch):
+    """Every image one direction plus noise of 1e-4: nothing can be screened out, the probe
+    tiles fall back and the whole call runs the float32 kernel (bit-identical to it)."""
+    g = torch.Generator().manual_seed(9)
+    base = torch.nn.functional.normalize(torch.randn(24, 1, 32, generator=g), dim=-1)
+    images = torch.nn.functional.normalize(base + 1e-4 * torch.randn(24, 49, 32, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(200, 32, 32, generator=g), dim=-1)
+    il = torch.full((24,), 49)
+    tl = torch.randint(8, 33, (200,), generator=g)
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
+    assert torch.equal(plain, screened)
 
 
 @pytest.mark.parametrize("direction,reduce", [("t2i", "mean"), ("i2t", "sum")])
@@ -143,7 +176,7 @@ def test_bad_switch_value_is_named(monkeypatch):
 def test_info_reports_screening(monkeypatch):
     from hatkernels.info import cpu_isa_report
 
-    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
+    monkeypatch.delenv("HATKERNELS_CPU_SCREEN", raising=False)
     assert "max screening on" in cpu_isa_report()
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "0")
     assert "max screening off" in cpu_isa_report()
