@@ -134,7 +134,8 @@ def test_screened_forward_is_deterministic_at_any_thread_count(monkeypatch, dire
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
-    assert torch.equal(two, ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], True))
+    again = ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], True)
+    assert torch.equal(two, again)
 
 
 def test_screening_is_the_default(monkeypatch):
@@ -150,7 +151,8 @@ def test_data_that_defeats_screening_runs_the_float32_kernel(monkeypatch):
     tiles fall back and the whole call runs the float32 kernel (bit-identical to it)."""
     g = torch.Generator().manual_seed(9)
     base = torch.nn.functional.normalize(torch.randn(24, 1, 32, generator=g), dim=-1)
-    images = torch.nn.functional.normalize(base + 1e-4 * torch.randn(24, 49, 32, generator=g), dim=-1)
+    noise = 1e-4 * torch.randn(24, 49, 32, generator=g)
+    images = torch.nn.functional.normalize(base + noise, dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(200, 32, 32, generator=g), dim=-1)
     il = torch.full((24,), 49)
     tl = torch.randint(8, 33, (200,), generator=g)
