@@ -184,3 +184,17 @@ def test_several_levels_report_time_per_pair(monkeypatch):
                          TINY_HAT, "fwd")
     timed = [r for r in rows if r["backend"] in ("torch", "naive", "cpu")]
     assert timed and all(r["status"] == "ok" and r["ms_per_pair"] for r in timed), timed
+
+
+def test_sweep_chart_is_drawn_from_the_results(tmp_path):
+    import json
+
+    import plot_sweep
+
+    rows = [dict(op=f"{p}_align x", mode="fwd", workload=f"S {w}", backend=b,
+                 of_fma_median=0.5, of_fma_min=0.4, of_fma_max=0.6)
+            for p in ("max", "scan") for w in ("base", "D=64") for b in ("cpu", "gemm")]
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"command": "pytest", "machine": {}, "rows": rows}))
+    out = plot_sweep.plot(results, tmp_path / "sweep.png")
+    assert out.stat().st_size > 10_000
