@@ -269,6 +269,11 @@ def bench_timing(benchmark, cfg: Config, case: Case, w: Workload | HatWorkload, 
     names = contender_names(case, mode, backends, only)
     skipped = {n: why for n, why in skipped.items() if only is None or n in only}
     peer_list = peer_names(case, w, mode, only, skipped)
+    for name in list(peer_list):
+        why = peers.cannot_score(name, x.head(*w.slice_for(case.pooling, mode, name)))
+        if why:
+            skipped[name] = why
+            peer_list.remove(name)
     common = w.common_slice(case.pooling, mode)
     checks = check_common_slice(case, x.head(*common), mode, names, peer_list)
     suffix = " fwd+bwd" if mode == "fwd+bwd" else ""
@@ -321,8 +326,9 @@ def bench_timing(benchmark, cfg: Config, case: Case, w: Workload | HatWorkload, 
         ROWS.append(row)
     for name in peer_list:  # a peer whose set-up raised: reported, not timed
         if name not in by_key:
+            check = checks.get(name, "raised")
             ROWS.append(dict(base, backend=name, status=failed.get(name, "not run"),
-                             **({"vs_float64": checks[name]} if name in checks else {})))
+                             **({} if check.startswith("raised") else {"vs_float64": check})))
     ROWS.extend(dict(base, backend=n, status=f"skipped: {why}") for n, why in skipped.items())
     assert not problems, problems
 

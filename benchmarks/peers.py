@@ -120,7 +120,7 @@ def maxsim_cpu_run(x, threads: int) -> PeerRun:
     ms = importlib.import_module("maxsim_cpu")
     cols = maxsim_cpu_cols(x)
     if len(cols) == 0:
-        raise RuntimeError(f"no caption short enough (n * M * D <= 2^18 = {MAXSIM_CPU_LIMIT})")
+        raise RuntimeError(cannot_score("maxsim-cpu", x))
     why = _probe_maxsim_cpu(x, cols)
     if why:
         raise RuntimeError(why)
@@ -136,10 +136,10 @@ def maxsim_cpu_run(x, threads: int) -> PeerRun:
         return (sums / n).float()
 
     m, d = int(x.image_lengths.max()), x.images.shape[2]
-    most = int(x.text_lengths[cols].max())
+    most = MAXSIM_CPU_LIMIT // (m * d)
     note = (f"sum of best dot products / n; one call per caption; only the {len(cols)} of "
             f"{len(x.text_lengths)} captions with n*M*D <= 2^18 (n <= {most} at M={m}, D={d}: "
-            "longer ones crash its JIT)")
+            "longer ones crash its JIT or give garbage)")
     return PeerRun(run, cols, note)
 
 
@@ -153,6 +153,17 @@ def available(name: str) -> str | None:
         importlib.import_module(module)
     except Exception as exc:  # ImportError, or a library that fails to load
         return f"not installed ({type(exc).__name__}: {exc}; pip install .[peers])"
+    return None
+
+
+def cannot_score(name: str, x) -> str | None:
+    """Why peer ``name`` has nothing to score on ``x`` (maxsim-cpu: no caption short enough),
+    or None."""
+    if name == "maxsim-cpu" and len(maxsim_cpu_cols(x)) == 0:
+        m, d = int(x.image_lengths.max()), x.images.shape[2]
+        return (f"no caption short enough for maxsim-cpu (n*M*D <= 2^18 needs n <= "
+                f"{MAXSIM_CPU_LIMIT // (m * d)} words at M={m}, D={d}; longer ones crash its "
+                "JIT or give garbage)")
     return None
 
 
