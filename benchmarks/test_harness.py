@@ -16,14 +16,18 @@ from workloads import MAX_T2I, SCAN_I2T, TINY, TINY_HAT, W1, align_fn, make_inpu
 
 from hatkernels import available_backends
 
+REAL_PEERS = dict(peers.PEERS)
+
 
 @pytest.fixture(autouse=True)
 def _torch_and_cpu_only(monkeypatch):
     """The harness's logic is under test, not every backend: time the torch and cpu backends
-    (where the cpu extension is built) and keep the triton interpreter out."""
+    (where the cpu extension is built), keep the triton interpreter and the installed peer
+    libraries out (the tests that need a peer bring their own)."""
     real = harness.not_supported_reasons
     monkeypatch.setattr(harness, "not_supported_reasons", lambda *a: {
         k: v for k, v in real(*a).items() if k in ("torch", "cpu")})
+    monkeypatch.setattr(peers, "PEERS", {})
 
 
 def _cpu_built() -> bool:
@@ -135,6 +139,7 @@ def test_peer_is_reported_and_never_fails_the_benchmark(monkeypatch, how):
 
 
 def test_peers_not_installed_are_skipped(monkeypatch):
+    monkeypatch.setattr(peers, "PEERS", REAL_PEERS)
     monkeypatch.setitem(sys.modules, "numkong", None)  # import numkong raises ImportError
     monkeypatch.setitem(sys.modules, "maxsim_cpu", None)
     rows = _run(monkeypatch, MAX_T2I, "fwd")
@@ -198,3 +203,12 @@ def test_sweep_chart_is_drawn_from_the_results(tmp_path):
     results.write_text(json.dumps({"command": "pytest", "machine": {}, "rows": rows}))
     out = plot_sweep.plot(results, tmp_path / "sweep.png")
     assert out.stat().st_size > 10_000
+
+
+def test_a_peer_that_crashes_its_probe_is_reported_not_run(monkeypatch):
+    """maxsim-cpu's shapes run first in a child process: a segmentation fault there is a
+    reason, not the end of the benchmark."""
+    monkeypatch.setattr(peers, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)")
+    x = make_inputs(TINY)
+    why = peers._probe_maxsim_cpu(x, peers.maxsim_cpu_cols(x))
+    assert why and why.startswith("crashed (signal SIGSEGV)"), why
