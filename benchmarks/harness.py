@@ -454,12 +454,13 @@ def code_state() -> dict:
         "uncommitted": ", ".join(changed) or "none",
         "cpu_extension_built": built.strftime("%Y-%m-%d %H:%M UTC") if built else "not built",
         "cpu_kernels": cpu_isa_report(),
-        "cpu_screen_1": screening_with_flag(),
+        "cpu_row_screening": screening_with_flag(),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-CODE_KEYS = ("commit", "uncommitted", "cpu_extension_built", "cpu_kernels", "cpu_screen_1")
+CODE_KEYS = ("commit", "uncommitted", "cpu_extension_built", "cpu_kernels",
+             "cpu_row_screening")
 
 
 def machine_info() -> dict:
@@ -529,11 +530,11 @@ def markdown(machine: dict, command: str) -> str:
         "valid tokens of the whole workload, same round. `x naive`: over "
         "`hatkernels.reference.naive_align` in float32 (same mode). `x torch`: over the torch "
         "backend (same mode). `cpu` runs the cpu backend with HATKERNELS_CPU_SCREEN=1 (the max "
-        "forward screens with exact int8 codes where the CPU has AVX-512 VNNI; the line "
-        "cpu_screen_1 above says whether it did), `cpu-fp32` with HATKERNELS_CPU_SCREEN=0 (the "
-        "float32 kernel alone); `x cpu fp32`: cpu over cpu-fp32, same round. "
-        "`fwd+bwd / fwd`: time of forward+backward over forward, same "
-        "backend, slice and round. `load`: the 1-minute load average when the row was "
+        "forward screens with exact int8 codes where the CPU has AVX-512 VNNI; "
+        "cpu_row_screening on the Code line says whether it did), `cpu-fp32` with "
+        "HATKERNELS_CPU_SCREEN=0 (the float32 kernel alone); `x cpu fp32`: cpu over cpu-fp32, "
+        "same round. `fwd+bwd / fwd`: time of forward+backward over forward, same backend, "
+        "slice and round. `load`: the 1-minute load average when the row was "
         "measured (the machine is shared). `vs float64`: before the rounds, every contender "
         "runs on the same common slice (the smallest any of them is timed on) and its scores "
         "(and, fwd+bwd, both gradients) are compared with the float64 reference: relative "
