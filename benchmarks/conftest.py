@@ -1,7 +1,7 @@
 """``pytest benchmarks/``: a smoke run in seconds (tiny shapes, every contender once, results
 checked against the float64 reference). ``pytest benchmarks/ --benchmark``: the full run (the
 named workloads W1 and W2 and a shape sweep, interleaved rounds) that writes
-``benchmarks/results/``."""
+``benchmarks/results/`` (the tables, and ``sweep.png`` when the sweep ran)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,19 @@ def _write_tables(bench: harness.Config, pytestconfig: pytest.Config):
     yield
     if bench.full and harness.ROWS:
         harness.write_results(RESULTS, _command(pytestconfig))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In a full run that timed the shape sweep, draw it (``benchmarks/results/sweep.png``)."""
+    if not session.config.getoption("--benchmark") or not any(
+            str(r.get("workload", "")).startswith("S ") for r in harness.ROWS):
+        return
+    import plot_sweep
+
+    try:
+        plot_sweep.plot(RESULTS / "results.json", RESULTS / "sweep.png")
+    except Exception as exc:  # the tables are written; say why the chart is not
+        print(f"\nbenchmarks/results/sweep.png not drawn: {type(exc).__name__}: {exc}")
 
 
 def _command(config: pytest.Config) -> str:

@@ -25,19 +25,23 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import peers
 import torch
 from fma_peak import fma_fn
 from workloads import (
+    SCREEN_ENV,
     SWEEP,
     TINY,
     TINY_MEMORY,
     W1,
     W2,
     Case,
+    HatWorkload,
     Inputs,
     Workload,
     align_fn,
     gemm_fn,
+    make_any,
     make_inputs,
 )
 
@@ -61,11 +65,12 @@ class Config:
 
 @dataclass
 class Contender:
-    backend: str  # a backend name, "naive" or "gemm"
+    backend: str  # a backend name, "cpu-fp32", "naive", "gemm", "fma" or a peer's name
     backward: bool
     timed_on: tuple[int, int]
     flops: int
     fn: Callable[[], object]
+    note: str = ""
 
     @property
     def key(self) -> str:
@@ -88,12 +93,55 @@ def backend_candidates(dim: int, full: bool) -> tuple[list[str], dict[str, str]]
     return sorted(usable, key=lambda n: n != "torch"), skipped
 
 
-def _contenders(case: Case, w: Workload, x: Inputs, mode: str, backends: list[str],
-                skipped: dict[str, str], full: bool) -> list[Contender]:
-    """Forward: the FMA peak and the GEMM rate first; then every backend and the naive way on
-    its slice (fwd+bwd: forward alone and forward + backward). The full run's FMA probe lasts
-    about a quarter of a second on an idle machine: a short probe catches a moment of a shared
-    machine, the kernels' timings average over seconds."""
+def contender_names(case: Case, mode: str, backends: list[str], only: list[str] | None):
+    """The backends, ``cpu-fp32`` after ``cpu`` (max forward: the cpu backend without its
+    int8 screening) and the naive way; only those in ``only`` when given."""
+    names = []
+    for name in backends:
+        names.append(name)
+        if name == "cpu" and case.pooling == "max" and mode == "fwd":
+            names.append("cpu-fp32")
+    names.append("naive")
+    return [n for n in names if only is None or n in only]
+
+
+def peer_names(case: Case, w, mode: str, only: list[str] | None,
+               skipped: dict[str, str]) -> list[str]:
+    """The optional peer libraries to time (max t2i forward, on workloads that ask for them);
+    those not importable go to ``skipped``."""
+    if not (w.peers and case.pooling == "max" and case.direction == "t2i" and mode == "fwd"):
+        return []
+    names = []
+    for name in peers.PEERS:
+        if only is not None and name not in only:
+            continue
+        why = peers.available(name)
+        if why:
+            skipped[name] = why
+        else:
+            names.append(name)
+    return names
+
+
+def _peer_contender(name: str, part, failed: dict[str, str]) -> Contender | None:
+    """A peer set up on ``part`` (packing, probing: not timed), or None (why in ``failed``)."""
+    try:
+        run = peers.peer_run(name, part)
+    except Exception as exc:  # reported in the peer's row; a peer does not fail the run
+        failed[name] = f"raised {type(exc).__name__}: {exc}"
+        return None
+    d = part.images.shape[2]
+    flops = 2 * d * int(part.image_lengths.sum()) * int(part.text_lengths[run.cols].sum())
+    return Contender(name, False, (len(part.images), len(run.cols)), flops, run.fn, run.note)
+
+
+def _contenders(case: Case, w: Workload, x: Inputs, mode: str, names: list[str],
+                peer_list: list[str], skipped: dict[str, str], failed: dict[str, str],
+                full: bool) -> list[Contender]:
+    """Forward: the FMA peak and the GEMM rate first; then every backend, the naive way and
+    the peers on their slices (fwd+bwd: forward alone and forward + backward). The full run's
+    FMA probe lasts about a quarter of a second on an idle machine: a short probe catches a
+    moment of a shared machine, the kernels' timings average over seconds."""
     out = []
     if mode == "fwd":
         try:
@@ -102,12 +150,16 @@ def _contenders(case: Case, w: Workload, x: Inputs, mode: str, backends: list[st
         except RuntimeError as exc:  # no C compiler or no AVX2 here
             skipped["fma"] = str(exc)
         out.append(Contender("gemm", False, (w.n_images, w.n_texts), x.valid_flops(), gemm_fn(x)))
-    for name in backends + ["naive"]:
+    for name in names:
         part = x.head(*w.slice_for(case.pooling, mode, name))
         for backward in (False, True) if mode == "fwd+bwd" else (False,):
             fn = align_fn(part, case, name, backward)
             out.append(Contender(name, backward, (len(part.images), len(part.texts)),
                                  part.valid_flops(), fn))
+    for name in peer_list:
+        if name not in failed:
+            c = _peer_contender(name, x.head(*w.slice_for(case.pooling, mode, name)), failed)
+            out += [c] if c else []
     return out
 
 
@@ -141,11 +193,13 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def check_common_slice(case: Case, part: Inputs, mode: str, names: list[str]) -> dict[str, str]:
+def check_common_slice(case: Case, part: Inputs, mode: str, names: list[str],
+                       peer_list: tuple[str, ...] = ()) -> dict[str, str]:
     """Every contender on the same inputs (``part``) against the float64 reference: scores
     within ``TOLERANCE["out"]`` and, with backward, both gradients within ``TOLERANCE["grad"]``
     (relative Frobenius error). It also loads each contender's libraries, thread pools and
-    kernels before the timed rounds. Returns each contender's errors, or why it failed."""
+    kernels before the timed rounds. Returns each contender's errors, or why it failed. A
+    peer's error is reported, marked ``(approximate)`` above the tolerance, not a mismatch."""
     backward = mode == "fwd+bwd"
     want = align_fn(part.to(torch.float64), case, "naive", backward)()
     labels = ("out", "grad images", "grad texts") if backward else ("out",)
@@ -162,6 +216,17 @@ def check_common_slice(case: Case, part: Inputs, mode: str, names: list[str]) ->
                if not e <= TOLERANCE["out" if k == "out" else "grad"]]
         text = ", ".join(f"{k} {e:.1e}" for k, e in errs.items())
         report[name] = f"MISMATCH vs float64 ({', '.join(bad)}): {text}" if bad else text
+    for name in peer_list:
+        try:
+            run = peers.peer_run(name, part)
+            err = _rel_err(run.fn(), want[:, run.cols])
+        except Exception as exc:
+            report[name] = f"raised {type(exc).__name__}: {exc}"
+            continue
+        some = f" ({len(run.cols)} of {want.shape[1]} captions)" if len(run.cols) < want.shape[
+            1] else ""
+        approximate = "" if err <= TOLERANCE["out"] else " (approximate)"
+        report[name] = f"out {err:.1e}{approximate}{some}"
     return report
 
 
@@ -182,23 +247,44 @@ def _ratio(num: list[float], den: list[float]) -> list[float] | None:
     return _stats([a / b for a, b in zip(num, den)]) if num and den else None
 
 
-def bench_timing(benchmark, cfg: Config, case: Case, w: Workload, mode: str,
-                 rounds: int | None = None) -> None:
-    """Check every backend and the naive way on a common slice against float64, then time
-    them, the GEMM and the FMA peak (forward) in interleaved rounds; record one row per
-    contender; fail if any contender raised or disagrees."""
-    x = make_inputs(w)
+def _per_pair(w: HatWorkload, c: Contender, seconds: list[float]) -> dict:
+    """Milliseconds per (image, caption) pair, every level, and the time extrapolated to
+    ``w.pairs_to`` pairs (hours)."""
+    pairs = c.timed_on[0] * c.timed_on[1]
+    ms = [t * 1e3 / pairs for t in seconds]
+    label, total = w.pairs_to
+    return dict(ms_per_pair=_stats(ms), extrapolated_h=_stats([v * total / 3.6e6 for v in ms]),
+                extrapolated_to=f"{total:,} pairs ({label})")
+
+
+def bench_timing(benchmark, cfg: Config, case: Case, w: Workload | HatWorkload, mode: str,
+                 rounds: int | None = None, only: list[str] | None = None) -> None:
+    """Check every backend, the naive way (and, where asked, the peers) on a common slice
+    against float64, then time them, the GEMM and the FMA peak (forward) in interleaved
+    rounds; record one row per contender; fail if any backend or the naive way raised or
+    disagrees (a peer's failure or approximation is reported in its row). ``only``: the
+    contenders to time besides the GEMM and the FMA peak."""
+    x = make_any(w)
     backends, skipped = backend_candidates(w.dim, cfg.full)
+    names = contender_names(case, mode, backends, only)
+    skipped = {n: why for n, why in skipped.items() if only is None or n in only}
+    peer_list = peer_names(case, w, mode, only, skipped)
+    for name in list(peer_list):
+        why = peers.cannot_score(name, x.head(*w.slice_for(case.pooling, mode, name)))
+        if why:
+            skipped[name] = why
+            peer_list.remove(name)
     common = w.common_slice(case.pooling, mode)
-    checks = check_common_slice(case, x.head(*common), mode, backends + ["naive"])
+    checks = check_common_slice(case, x.head(*common), mode, names, peer_list)
     suffix = " fwd+bwd" if mode == "fwd+bwd" else ""
     failed = {key: why for n, why in checks.items() if why.startswith("raised")
               for key in (n, n + suffix)}
-    contenders = _contenders(case, w, x, mode, backends, skipped, cfg.full)
+    contenders = _contenders(case, w, x, mode, names, peer_list, skipped, failed, cfg.full)
     times, first = _run_rounds(benchmark, contenders, rounds or cfg.rounds, failed)
     by_key = {c.key: c for c in contenders}
     rate = {c.key: [c.flops / 1e9 / t for t in times[c.key]] for c in contenders}
     ref_key, naive_key = "torch" + suffix, "naive" + suffix
+    rate.setdefault(naive_key, [])
     base = dict(op=case.op, mode=mode, workload=w.name, shape=w.shape,
                 load=round(os.getloadavg()[0], 1))
     problems = []
@@ -207,11 +293,15 @@ def bench_timing(benchmark, cfg: Config, case: Case, w: Workload, mode: str,
             continue
         status = failed.get(c.key) or failed.get(c.backend)
         check = checks.get(c.backend, "")
+        is_peer = c.backend in peer_list
         if status is None and check.startswith("MISMATCH"):
             status = check
-        if status is None and c.backend not in ("torch", *PEAKS) and ref_key in first:
+        if (status is None and not is_peer and c.backend not in ("torch", *PEAKS)
+                and ref_key in first):
             status = _disagreement(c, by_key[ref_key], first[c.key], first[ref_key])
-        problems += [f"{c.key}: {status}"] if status else []
+        if status is None and is_peer and "(approximate)" in check:
+            status = "approximate"
+        problems += [f"{c.key}: {status}"] if status and not is_peer else []
         timed_on = "" if c.backend == "fma" else "x".join(map(str, c.timed_on))
         row = dict(base, backend=c.backend, timed_on=timed_on,
                    rounds=len(times[c.key]), status=status or "ok", gflops=_stats(rate[c.key]))
@@ -224,10 +314,21 @@ def bench_timing(benchmark, cfg: Config, case: Case, w: Workload, mode: str,
         if c.backend not in (*PEAKS, "naive"):
             row["x_naive"] = _ratio(rate[c.key], rate[naive_key])
         if c.backend not in (*PEAKS, "torch"):
-            row["x_torch"] = _ratio(rate[c.key], rate[ref_key])
+            row["x_torch"] = _ratio(rate[c.key], rate.get(ref_key, []))
+        if c.backend == "cpu" and mode == "fwd":
+            row["x_cpu_fp32"] = _ratio(rate[c.key], rate.get("cpu-fp32", []))
         if mode == "fwd+bwd" and c.key not in failed:
             row["fwdbwd_over_fwd"] = _ratio(times[c.key], times[c.backend])
+        if isinstance(w, HatWorkload) and c.backend not in PEAKS and times[c.key]:
+            row.update(_per_pair(w, c, times[c.key]))
+        if c.note:
+            row["note"] = c.note
         ROWS.append(row)
+    for name in peer_list:  # a peer whose set-up raised: reported, not timed
+        if name not in by_key:
+            check = checks.get(name, "raised")
+            ROWS.append(dict(base, backend=name, status=failed.get(name, "not run"),
+                             **({} if check.startswith("raised") else {"vs_float64": check})))
     ROWS.extend(dict(base, backend=n, status=f"skipped: {why}") for n, why in skipped.items())
     assert not problems, problems
 
@@ -320,6 +421,24 @@ def _git(*args: str) -> str:
     return proc.stdout.strip()
 
 
+def screening_with_flag() -> str:
+    """What the ``cpu`` contender's HATKERNELS_CPU_SCREEN=1 does here: the extension's own
+    report (``on (...)``, or why it stays off on this CPU), read with the variable set."""
+    old = os.environ.get(SCREEN_ENV)
+    os.environ[SCREEN_ENV] = "1"
+    try:
+        import hatkernels._C_cpu as ext
+
+        return ext.cpu_screen()
+    except (ImportError, ValueError) as exc:
+        return f"unknown ({type(exc).__name__}: {exc})"
+    finally:
+        if old is None:
+            del os.environ[SCREEN_ENV]
+        else:
+            os.environ[SCREEN_ENV] = old
+
+
 @functools.cache
 def code_state() -> dict:
     """What code ran, read once when the session starts (an extension rebuilt later is not the
@@ -335,11 +454,13 @@ def code_state() -> dict:
         "uncommitted": ", ".join(changed) or "none",
         "cpu_extension_built": built.strftime("%Y-%m-%d %H:%M UTC") if built else "not built",
         "cpu_kernels": cpu_isa_report(),
+        "cpu_row_screening": screening_with_flag(),
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-CODE_KEYS = ("commit", "uncommitted", "cpu_extension_built", "cpu_kernels")
+CODE_KEYS = ("commit", "uncommitted", "cpu_extension_built", "cpu_kernels",
+             "cpu_row_screening")
 
 
 def machine_info() -> dict:
@@ -369,8 +490,12 @@ def _fmt(stats: list[float] | None, digits: int) -> str:
 TIMING_COLUMNS = [("op", None), ("mode", None), ("workload", None), ("backend", None),
                   ("timed_on", None), ("rounds", None), ("gflops", 1), ("of_fma", 2),
                   ("of_gemm", 2),
-                  ("x_naive", 2), ("x_torch", 2), ("fwdbwd_over_fwd", 2), ("load", None),
-                  ("status", None), ("vs_float64", None)]
+                  ("x_naive", 2), ("x_torch", 2), ("x_cpu_fp32", 2), ("fwdbwd_over_fwd", 2),
+                  ("load", None), ("status", None), ("vs_float64", None), ("note", None)]
+PER_PAIR_COLUMNS = [("op", None), ("workload", None), ("shape", None), ("backend", None),
+                    ("timed_on", None), ("rounds", None), ("ms_per_pair", 3),
+                    ("extrapolated_h", 2), ("extrapolated_to", None), ("gflops", 1),
+                    ("of_fma", 2), ("load", None), ("status", None)]
 MEMORY_COLUMNS = ["op", "workload", "backend", "output_mib", "added_peak_mib", "limit_mib",
                   "ok", "seconds", "gflops", "load", "error"]
 
@@ -404,14 +529,22 @@ def markdown(machine: dict, command: str) -> str:
         "thread; a C loop compiled on the fly). `of GEMM`: rate over torch.mm of the packed "
         "valid tokens of the whole workload, same round. `x naive`: over "
         "`hatkernels.reference.naive_align` in float32 (same mode). `x torch`: over the torch "
-        "backend (same mode). `fwd+bwd / fwd`: time of forward+backward over forward, same "
-        "backend, slice and round. `load`: the 1-minute load average when the row was "
+        "backend (same mode). `cpu` runs the cpu backend with HATKERNELS_CPU_SCREEN=1 (the max "
+        "forward screens with exact int8 codes where the CPU has AVX-512 VNNI; "
+        "cpu_row_screening on the Code line says whether it did), `cpu-fp32` with "
+        "HATKERNELS_CPU_SCREEN=0 (the float32 kernel alone); `x cpu fp32`: cpu over cpu-fp32, "
+        "same round. `fwd+bwd / fwd`: time of forward+backward over forward, same backend, "
+        "slice and round. `load`: the 1-minute load average when the row was "
         "measured (the machine is shared). `vs float64`: before the rounds, every contender "
         "runs on the same common slice (the smallest any of them is timed on) and its scores "
         "(and, fwd+bwd, both gradients) are compared with the float64 reference: relative "
         "Frobenius error, at most 1e-5 for scores and 1e-4 for gradients; each timed result "
         "is also checked against the torch backend's on the prefix both ran. A contender that "
-        "raises or disagrees fails the run.", "",
+        "raises or disagrees fails the run. Peers (`numkong`, `maxsim-cpu`: optional libraries, "
+        "max t2i forward only; `note` says what each computes and on which captions) are "
+        "checked the same way, but an approximate peer is reported (status `approximate`, its "
+        "error in `vs float64`), and one that raises is reported as such, without failing the "
+        "run.", "",
         "| " + " | ".join(c for c, _ in TIMING_COLUMNS) + " |",
         "|" + "---|" * len(TIMING_COLUMNS),
     ]
@@ -419,6 +552,16 @@ def markdown(machine: dict, command: str) -> str:
         cells = [_fmt(row.get(c), d) if d is not None else str(row.get(c, ""))
                  for c, d in TIMING_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    per_pair = [r for r in ROWS if "ms_per_pair" in r]
+    if per_pair:
+        lines += ["", "Time per pair: milliseconds per (image, caption) pair, every level of one "
+                  "`hier_align` call (median (min–max) over the rounds), and that time "
+                  "extrapolated linearly to the number of pairs named (hours; one process "
+                  "on this machine at this load).", "",
+                  "| " + " | ".join(c for c, _ in PER_PAIR_COLUMNS) + " |",
+                  "|" + "---|" * len(PER_PAIR_COLUMNS)]
+        lines += ["| " + " | ".join(_fmt(r.get(c), d) if d is not None else str(r.get(c, ""))
+                                    for c, d in PER_PAIR_COLUMNS) + " |" for r in per_pair]
     memory = [_memory_view(r) for r in ROWS if r.get("kind") == "memory"]
     if memory:
         lines += ["", "Peak memory: added peak RSS of one forward call in a fresh process "
