@@ -19,6 +19,8 @@ struct Problem {
   // Max pooling forward: screen with int8 codes where the level supports it (the launchers
   // set it, max_align_screen.h).
   bool screen = false;
+  // ... and compute its int8 GEMM on AMX tiles (max_align_amx.h).
+  bool amx = false;
 };
 
 }  // namespace hatkernels::cpu

@@ -3,6 +3,13 @@
 #include "cpu/isa.h"
 
 #include <cstdlib>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+#if HATK_CPU_X86
+#include <cpuid.h>
+#endif
 #include <stdexcept>
 #include <string>
 
@@ -40,14 +47,35 @@ bool cpu_has_vnni() {
 #endif
 }
 
-// HATKERNELS_CPU_SCREEN: false when "0", true when "1", unset or empty.
-bool screen_wanted() {
+// HATKERNELS_CPU_SCREEN: "0" (off), "1", unset or empty (on, AMX where usable) or "vnni"
+// (on, the int8 GEMM on AVX-512 VNNI even where AMX is usable).
+enum class ScreenWanted { kOff, kBest, kVnni };
+
+ScreenWanted screen_wanted() {
   const char* env = std::getenv(kScreenEnv);
   const std::string wanted = env ? env : "";
-  if (wanted.empty() || wanted == "1") return true;
-  if (wanted == "0") return false;
-  throw std::invalid_argument(std::string(kScreenEnv) + ": expected 0 or 1, got '" + wanted +
-                              "'");
+  if (wanted.empty() || wanted == "1") return ScreenWanted::kBest;
+  if (wanted == "0") return ScreenWanted::kOff;
+  if (wanted == "vnni") return ScreenWanted::kVnni;
+  throw std::invalid_argument(std::string(kScreenEnv) + ": expected 0, 1 or vnni, got '" +
+                              wanted + "'");
+}
+
+// AMX-INT8 tiles: the CPU has them (CPUID leaf 7: AMX-TILE and AMX-INT8) and Linux lets this
+// process use their state (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, asked once).
+bool amx_usable() {
+#if HATK_CPU_X86 && defined(__linux__)
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = edx & (1u << 24), int8 = edx & (1u << 25);
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+    return tile && int8 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return usable;
+#else
+  return false;
+#endif
 }
 
 std::string names(const std::vector<Isa>& levels) {
@@ -108,19 +136,27 @@ Isa active_isa() {
 }
 
 bool screening() {
-  return screen_wanted() && active_isa() == Isa::kAvx512 && cpu_has_vnni();
+  return screen_wanted() != ScreenWanted::kOff && active_isa() == Isa::kAvx512 &&
+         cpu_has_vnni();
 }
 
 std::string screening_status() {
-  if (!screen_wanted()) return std::string("off (") + kScreenEnv + "=0)";
+  if (screen_wanted() == ScreenWanted::kOff) return std::string("off (") + kScreenEnv + "=0)";
   if (active_isa() != Isa::kAvx512) return "off (needs the avx512 level)";
   if (!cpu_has_vnni()) return "off (this CPU has no AVX-512 VNNI)";
-  return "on (max pooling forward: int8 VNNI screening, float32 for the candidates)";
+  std::string gemm = "AVX-512 VNNI (no usable AMX)";
+  if (amx_usable())
+    gemm = screen_wanted() == ScreenWanted::kBest
+               ? "AMX"
+               : "AVX-512 VNNI (" + std::string(kScreenEnv) + "=vnni)";
+  return "on (max pooling forward: int8 screening on " + gemm +
+         ", float32 for the candidates)";
 }
 
 void max_align_forward(const Problem& p, float* out) {
   Problem screened = p;
   screened.screen = screening();
+  screened.amx = screened.screen && screen_wanted() == ScreenWanted::kBest && amx_usable();
   kernels().max_forward(screened, out);
 }
 

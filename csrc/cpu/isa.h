@@ -59,9 +59,9 @@ std::vector<Isa> supported_isas();
 Isa active_isa();
 
 // Whether the max forward screens with int8 codes (max_align_screen.h): at the avx512 level on
-// a CPU with AVX-512 VNNI, unless HATKERNELS_CPU_SCREEN is "0" ("1", unset or empty: yes; read
-// on every call). Throws std::invalid_argument, its message starting with
-// "HATKERNELS_CPU_SCREEN", for another value.
+// a CPU with AVX-512 VNNI, unless HATKERNELS_CPU_SCREEN is "0" ("1", unset or empty: yes, its
+// int8 GEMM on AMX where usable; "vnni": yes, on VNNI; read on every call). Throws
+// std::invalid_argument, its message starting with "HATKERNELS_CPU_SCREEN", for another value.
 bool screening();
 
 // One line for reports: whether screening runs, and why not.

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/max_align_amx.h"
 #include "cpu/max_align_gemm.h"
 #include "cpu/max_align_pool.h"
 #include "cpu/max_align_screen.h"
@@ -103,9 +104,11 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
   plan.b = max_gemm::aligned_floats(plan.b_start[n_cg]);
 #if HATK_CPU_AVX512
   if (screen) {
-    plan.qv = max_screen::quantise(plan.v_rows, plan.v.rows, plan.v.off.data(), p.bi);
-    plan.qt = max_screen::quantise(plan.t_rows, plan.t.rows, nullptr, 0);
-    plan.a8.resize(plan.v.rows * plan.qv.d4);
+    const int64_t multiple = p.amx ? max_amx::kWordsPerStep : 1;
+    plan.qv = max_screen::quantise(plan.v_rows, plan.v.rows, plan.v.off.data(), p.bi, multiple,
+                                   p.amx ? max_amx::kBlock : 0);
+    plan.qt = max_screen::quantise(plan.t_rows, plan.t.rows, nullptr, 0, multiple);
+    if (!p.amx) plan.a8.resize(plan.v.rows * plan.qv.d4);
     plan.b8.resize(plan.b_start[n_cg] / d * plan.qv.d4);
   }
 #else
@@ -118,7 +121,7 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
       if constexpr (max_gemm::kPanels) {
         max_gemm::pack_row_blocks(plan.v_rows, r0, rows, plan.a.get());
 #if HATK_CPU_AVX512
-        if (screen) max_gemm::pack_row_blocks(plan.qv, r0, rows, plan.a8.data());
+        if (screen && !p.amx) max_gemm::pack_row_blocks(plan.qv, r0, rows, plan.a8.data());
 #endif
       } else {
         for (int64_t r = r0; r < r0 + rows; ++r)
@@ -327,23 +330,33 @@ void check(const Problem& p) {
 // its max along each caption's words into the vector max down rows (no horizontal segments).
 Problem as_t2i(const Problem& p) {
   return Problem{p.texts, p.images, p.text_lengths, p.image_lengths, p.bt, p.n_max,
-                 p.bi,    p.m_max,  p.d,            kT2I,            p.mean, p.screen};
+                 p.bi,    p.m_max,  p.d,            kT2I,            p.mean, p.screen,
+                 p.amx};
 }
 
 #if HATK_CPU_AVX512
+// Leading dimension of a screened tile's int32 similarities: AMX stores whole 32 x 32 blocks.
+int64_t screen_ldc(const Problem& p, int64_t cols) {
+  return p.amx ? (cols + max_amx::kBlock - 1) / max_amx::kBlock * max_amx::kBlock : cols;
+}
+
 // The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
 // float32 kernel (too many candidates). win: per-thread scratch of the tile's columns.
 bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
                    float* q, float* out) {
   const int64_t d4 = plan.qv.d4;
-  max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + t.r0 * d4, t.rows,
-                                     plan.b8.data() + plan.b_start[t.b] / p.d * d4, t.cols,
-                                     d4, s.c.data(), t.cols);
+  const int32_t* b8 = plan.b8.data() + plan.b_start[t.b] / p.d * d4;
+  const int64_t ldc = screen_ldc(p, t.cols);
+  if (p.amx)
+    max_amx::gemm(plan.qv.row(t.r0), t.rows, b8, t.cols, d4, s.c.data(), ldc);
+  else
+    max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + t.r0 * d4, t.rows, b8, t.cols, d4,
+                                       s.c.data(), ldc);
   const int64_t limit = t.rows * t.cols / max_screen::kMaxCandidateShare;
   int64_t extra = 0;
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t r0 = plan.v.off[i];
-    const max_screen::Image im{s.c.data() + (r0 - t.r0) * t.cols, p.image_lengths[i], t.cols, r0};
+    const max_screen::Image im{s.c.data() + (r0 - t.r0) * ldc, p.image_lengths[i], ldc, r0};
     extra += max_screen::screen_image(im, t.cols, t.w0, plan.qv, plan.qt, plan.v_rows,
                                       plan.t_rows, q, s.win.data(), s.thr.data());
     if (extra > limit) return false;
@@ -382,9 +395,11 @@ void forward(const Problem& p, bool transposed, float* out) {
 #if HATK_CPU_AVX512
     max_screen::Scratch s;
     if (screen) {
-      s.c.resize(plan.max_rows * plan.max_cols);
+      const int64_t extra = p.amx ? max_amx::kBlock : 0;
+      s.c.resize((plan.max_rows + extra) * screen_ldc(p, plan.max_cols));
       s.win.resize(plan.max_cols);
       s.thr.resize(plan.max_cols);
+      if (p.amx) max_amx::configure();
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < n_probe; ++j) {
@@ -406,6 +421,9 @@ void forward(const Problem& p, bool transposed, float* out) {
       similarities(plan, t, p.d, c.get());
       pool_tile(p, plan, t, c.get(), q.get(), acc.get(), out);
     }
+#if HATK_CPU_AVX512
+    if (screen && p.amx) max_amx::release();
+#endif
   }
 }
 

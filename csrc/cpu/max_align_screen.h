@@ -1,4 +1,4 @@
-// Exact screened max pooling (AVX-512 VNNI): the t2i forward of one tile computed first from
+// Exact screened max pooling (AVX-512 VNNI or AMX): the t2i forward of one tile computed first from
 // int8 codes of the tokens, then in float32 only for the candidates that can still be a
 // word's maximum. The result equals the float32 kernel's up to float32 rounding of the
 // winning dot product (same winners), never an approximation.
@@ -31,8 +31,8 @@
 // not finite (zero scales, overflowing norms) keeps every token a candidate.
 //
 // Cost. Per image, a max pass and a compare pass over its int32 rows, one float32 dot product
-// per word for r* and one per extra candidate; the int8 GEMM does 4x the multiply-adds of the
-// float32 one per instruction. The dot products are what remains expensive (two 1 KiB rows
+// per word for r* and one per extra candidate; the int8 GEMM runs on AMX tiles where usable
+// (max_align_amx.h), else on AVX-512 VNNI (4x the multiply-adds of float32 per instruction). The dot products are what remains expensive (two 1 KiB rows
 // from L2 each, about 10 GEMM entries' worth), which is why the bound waits for v: it leaves
 // 0.76 extra candidates per word and image of 49 random unit tokens at d = 256, where a bound
 // from the quantised values alone leaves 2. A tile that leaves more than one extra candidate
@@ -102,13 +102,15 @@ inline float code_scale(float amax) {
 
 // Codes of packed rows [0, rows) of src. items_off (item offsets into the packed rows, n_items
 // items) gives one scale per item, with the unsigned offset 128 (the image side); null gives
-// one scale per token, signed (the word side).
+// one scale per token, signed (the word side). Rows hold d4 = ceil(d / 4) words rounded up to
+// words_multiple, and extra_rows rows of zeros follow them (read, never used, by AMX tiles).
 inline Codes quantise(const max_gemm::Rows& src, int64_t rows, const int64_t* items_off,
-                      int64_t n_items) {
+                      int64_t n_items, int64_t words_multiple = 1, int64_t extra_rows = 0) {
   Codes q;
-  const int64_t d = src.d, d4 = (d + 3) / 4;
+  const int64_t d = src.d;
+  const int64_t d4 = ((d + 3) / 4 + words_multiple - 1) / words_multiple * words_multiple;
   q.d4 = q.d = d4;
-  q.words.assign(rows * d4, 0);
+  q.words.assign((rows + extra_rows) * d4, 0);
   q.scale.resize(rows);
   q.norm.resize(rows);
   q.radius.resize(rows);

@@ -138,6 +138,18 @@ def test_screened_forward_is_deterministic_at_any_thread_count(monkeypatch, dire
     assert torch.equal(two, again)
 
 
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_amx_and_vnni_gemms_give_identical_scores(monkeypatch, direction):
+    """The int8 GEMM on AMX tiles (where usable) and on AVX-512 VNNI sums the same integers,
+    so the screened scores are bit-identical (odd d: codes padded to whole tile rows)."""
+    images, texts, il, tl = _inputs(10, 19, 83, 49, 32, 75)
+    out = {}
+    for flag in ("1", "vnni"):
+        monkeypatch.setenv("HATKERNELS_CPU_SCREEN", flag)
+        out[flag] = ext.max_align_forward(images, texts, il, tl, DIRECTIONS[direction], True)
+    assert torch.equal(out["1"], out["vnni"])
+
+
 def test_screening_is_the_default(monkeypatch):
     images, texts, il, tl = _inputs(8, 9, 30, 20, 12, 32)
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
@@ -180,6 +192,8 @@ def test_info_reports_screening(monkeypatch):
 
     monkeypatch.delenv("HATKERNELS_CPU_SCREEN", raising=False)
     assert "max screening on" in cpu_isa_report()
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "vnni")
+    assert "VNNI" in cpu_isa_report()
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "0")
     assert "max screening off" in cpu_isa_report()
     assert hatkernels.available_backends("cpu")
