@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/max_align.h"
 #include "cpu/max_align_gemm.h"
 #include "cpu/max_align_pool.h"
 #include "cpu/max_align_screen.h"
@@ -75,7 +76,7 @@ struct Plan {
 };
 
 Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed,
-               bool screen = false) {
+               bool screen = false, bool pack = true) {
   Plan plan;
   plan.si = transposed ? 1 : p.bt;
   plan.sj = transposed ? p.bi : 1;
@@ -99,8 +100,9 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
     const int64_t cols = plan.t.off[plan.cg[g + 1]] - plan.t.off[plan.cg[g]];
     plan.b_start[g + 1] = plan.b_start[g] + (cols + pad - 1) / pad * pad * d;
   }
-  plan.a = max_gemm::aligned_floats(plan.v.rows * d);
-  plan.b = max_gemm::aligned_floats(plan.b_start[n_cg]);
+  // Without packing (a backward from winners with no ties), no tile's C can be computed.
+  plan.a = max_gemm::aligned_floats(pack ? plan.v.rows * d : 0);
+  plan.b = max_gemm::aligned_floats(pack ? plan.b_start[n_cg] : 0);
 #if HATK_CPU_AVX512
   if (screen) {
     plan.qv = max_screen::quantise(plan.v_rows, plan.v.rows, 128);
@@ -111,8 +113,9 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
 #else
   (void)screen;
 #endif
+  const int64_t n_pack = pack ? n_ig + n_cg : 0;
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t k = 0; k < n_ig + n_cg; ++k) {
+  for (int64_t k = 0; k < n_pack; ++k) {
     if (k < n_ig) {
       const int64_t r0 = plan.v.off[plan.ig[k]], rows = plan.v.off[plan.ig[k + 1]] - r0;
       if constexpr (max_gemm::kPanels) {
@@ -168,6 +171,31 @@ void similarities(const Plan& plan, const Tile& t, int64_t d, float* c) {
 #endif
 }
 
+// Where a forward writes winners and a backward reads them (layout at the top of this file):
+// the t2i section [bi][words] and the i2t section of direction both [rows][bt], null where
+// the problem has none or no winners are kept.
+template <class T>
+struct WinnersAt {
+  T* t2i = nullptr;
+  T* i2t = nullptr;
+};
+
+template <class T>
+WinnersAt<T> winners_at(const Problem& p, const Plan& plan, T* winners) {
+  if (!winners) return {};
+  if (p.direction == kT2I) return {winners, nullptr};
+  return {winners, winners + p.bi * plan.t.rows};
+}
+
+// Stores image i's t2i winners for the tile's words from a column argmax (idx: a winning row
+// within the tile's rows of image i, ties: how many rows reach the maximum).
+void store_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* idx,
+                       const int32_t* ties, int32_t* t2i) {
+  int32_t* dst = t2i + i * plan.t.rows + t.w0;
+#pragma omp simd
+  for (int64_t w = 0; w < t.cols; ++w) dst[w] = ties[w] == 1 ? idx[w] : max_pool::kTied;
+}
+
 // Writes image i's t2i scores against the tile's captions from q, its best score per word.
 void write_t2i(const Problem& p, const Plan& plan, const Tile& t, int64_t i, const float* q,
                float* out) {
@@ -178,14 +206,27 @@ void write_t2i(const Problem& p, const Plan& plan, const Tile& t, int64_t i, con
   }
 }
 
-// Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps).
+// A forward's winners: where they go (null sections: none kept) and per-thread scratch for
+// one image's column argmax (idx, ties: cols entries each).
+struct WinnersOut {
+  WinnersAt<int32_t> at;
+  int32_t* idx;
+  int32_t* ties;
+};
+
+// Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps),
+// and writes its winners where kept.
 void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c, float* q,
-               float* acc, float* out) {
+               float* acc, const WinnersOut& win, float* out) {
   const bool t2i = p.direction != kI2T, i2t = p.direction != kT2I;
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t m = p.image_lengths[i];
     const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
-    if (t2i) {
+    if (t2i && win.at.t2i) {
+      max_pool::column_argmax(ci, t.cols, m, t.cols, q, win.idx, win.ties);
+      store_t2i_winners(plan, t, i, win.idx, win.ties, win.at.t2i);
+      write_t2i(p, plan, t, i, q, out);
+    } else if (t2i) {
       max_pool::column_max(ci, t.cols, m, t.cols, q);
       write_t2i(p, plan, t, i, q, out);
     }
@@ -193,8 +234,13 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
       std::fill(acc, acc + (t.j1 - t.j0), 0.f);
       for (int64_t r = 0; r < m; ++r) {
         const float* cr = ci + r * t.cols;
-        for (int64_t j = t.j0; j < t.j1; ++j)
-          acc[j - t.j0] += max_pool::segment_max(cr + plan.t.off[j] - t.w0, p.text_lengths[j]);
+        int32_t* wr = win.at.i2t ? win.at.i2t + (plan.v.off[i] + r) * p.bt : nullptr;
+        for (int64_t j = t.j0; j < t.j1; ++j) {
+          const float* seg = cr + plan.t.off[j] - t.w0;
+          const float best = max_pool::segment_max(seg, p.text_lengths[j]);
+          acc[j - t.j0] += best;
+          if (wr) wr[j] = max_pool::sole_argmax(seg, p.text_lengths[j], best);
+        }
       }
       for (int64_t j = t.j0; j < t.j1; ++j) {
         const float s = p.mean ? acc[j - t.j0] / static_cast<float>(m) : acc[j - t.j0];
@@ -227,8 +273,44 @@ bool block_is_zero(const Plan& plan, const Tile& t, const float* g) {
   return true;
 }
 
-// Scatters the gradient of tile t (similarities in c) into dv / dt. Loop orders keep the
-// query token's rows in L1: t2i runs word by word over the tile's images (winners of all
+// The similarities C of one tile, computed on first use (into a per-thread buffer): for every
+// tile without saved winners, only for a tile with a tied query token with them.
+class TileC {
+ public:
+  TileC(const Plan& plan, const Tile& t, int64_t d, float* buf)
+      : plan_(plan), t_(t), d_(d), buf_(buf) {}
+  const float* get() {
+    if (!ready_) similarities(plan_, t_, d_, buf_);
+    ready_ = true;
+    return buf_;
+  }
+
+ private:
+  const Plan& plan_;
+  const Tile& t_;
+  int64_t d_;
+  float* buf_;
+  bool ready_ = false;
+};
+
+// Image i's saved t2i winners for the tile's words as a column argmax's idx and ties (one
+// winner each); false when one of them is tied (the caller then recomputes that image).
+bool load_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* t2i,
+                      int32_t* idx, int32_t* ties) {
+  const int32_t* src = t2i + i * plan.t.rows + t.w0;
+  int32_t low = 0;
+#pragma omp simd reduction(min : low)
+  for (int64_t w = 0; w < t.cols; ++w) {
+    idx[w] = src[w];
+    ties[w] = 1;
+    low = std::min(low, src[w]);
+  }
+  return low >= 0;
+}
+
+// Scatters the gradient of tile t into dv / dt. Each query token's winner comes from the
+// saved winners where kept and not tied, else from the tile's similarities. Loop orders keep
+// the query token's rows in L1: t2i runs word by word over the tile's images (winners of all
 // images first: best/idx/ties [images, cols]), i2t image token by image token over the
 // captions. Exact ties share the gradient equally (torch's amax does the same).
 struct Winners {
@@ -241,14 +323,19 @@ struct Winners {
   float* a;
 };
 
-void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c,
-                   const float* g, const Winners& win, const RowDest& dv, const RowDest& dt) {
+void backward_tile(const Problem& p, const Plan& plan, const Tile& t, TileC& tile,
+                   const WinnersAt<const int32_t>& saved, const float* g, const Winners& win,
+                   const RowDest& dv, const RowDest& dt) {
   const int64_t d = p.d;
   float* coef = win.coef;
   if (p.direction != kI2T) {
+    const float* c = nullptr;  // set once an image needs the similarities
     for (int64_t i = t.i0; i < t.i1; ++i) {
-      const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
       const int64_t o = (i - t.i0) * t.cols;
+      if (saved.t2i && load_t2i_winners(plan, t, i, saved.t2i, win.idx + o, win.ties + o))
+        continue;
+      c = tile.get();
+      const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
       max_pool::column_argmax(ci, t.cols, p.image_lengths[i], t.cols, win.best + o,
                               win.idx + o, win.ties + o);
     }
@@ -296,14 +383,18 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
       }
       if (!any) continue;
       for (int64_t r = vr0; r < vr0 + m; ++r) {
-        const float* cr = c + (r - t.r0) * t.cols;
         const float* vr = plan.v_rows.row(r);
         float* dvr = dv.row(r);
+        const int32_t* sr = saved.i2t ? saved.i2t + r * p.bt : nullptr;
         for (int64_t j = t.j0; j < t.j1; ++j) {
           const float a = coef[j - t.j0];
           if (a == 0.f) continue;
           const int64_t tw0 = plan.t.off[j], n = p.text_lengths[j];
-          const float* seg = cr + tw0 - t.w0;
+          if (sr && sr[j] != max_pool::kTied) {
+            max_pool::axpy2(dvr, plan.t_rows.row(tw0 + sr[j]), dt.row(tw0 + sr[j]), vr, a, d);
+            continue;
+          }
+          const float* seg = tile.get() + (r - t.r0) * t.cols + tw0 - t.w0;
           int64_t ties = 1;
           const int64_t k = max_pool::segment_argmax(seg, n, ties);
           const float share = a / static_cast<float>(ties);
@@ -368,9 +459,11 @@ bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen
 }
 #endif
 
-void forward(const Problem& p, bool transposed, float* out) {
-  const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I;
+void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
+  // Screening writes no winners yet: a call that keeps them runs the float32 kernel.
+  const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I && !winners;
   const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
+  const WinnersAt<int32_t> at = winners_at(p, plan, winners);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
 #pragma omp parallel
@@ -379,6 +472,8 @@ void forward(const Problem& p, bool transposed, float* out) {
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     auto q = max_tiles::scratch(plan.max_cols);
     auto acc = max_tiles::scratch(plan.max_caps);
+    std::vector<int32_t> idx(at.t2i ? plan.max_cols : 0), ties(idx.size());
+    const WinnersOut win{at, idx.data(), ties.data()};
 #if HATK_CPU_AVX512
     max_screen::Scratch s;
     if (screen) {
@@ -393,14 +488,28 @@ void forward(const Problem& p, bool transposed, float* out) {
       if (screen && screened_tile(p, plan, t, s, q.get(), out)) continue;
 #endif
       similarities(plan, t, p.d, c.get());
-      pool_tile(p, plan, t, c.get(), q.get(), acc.get(), out);
+      pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out);
     }
   }
 }
 
+// Whether a winners array of n entries holds a tied one (the backward then needs similarities).
+bool any_tied(const int32_t* winners, int64_t n) {
+  int32_t low = 0;
+#pragma omp parallel for simd reduction(min : low)
+  for (int64_t k = 0; k < n; ++k) low = std::min(low, winners[k]);
+  return low < 0;
+}
+
 void backward(const Problem& p, bool transposed, const float* grad_out, float* grad_images,
-              float* grad_texts) {
-  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed);
+              float* grad_texts, const int32_t* winners) {
+  // The tiles of the forward (the same GEMM on the same operands gives the same C, so tied
+  // query tokens find the same ties); operands are packed only where a tile can need C.
+  static_assert(kBackwardRows == kTileRows && kBackwardCols == kTileCols);
+  const bool pack =
+      !winners || any_tied(winners, max_align_winners_size(p));
+  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed, false, pack);
+  const WinnersAt<const int32_t> saved = winners_at(p, plan, winners);
   const int64_t d = p.d;
   std::fill(grad_images, grad_images + p.bi * p.m_max * d, 0.f);
   std::fill(grad_texts, grad_texts + p.bt * p.n_max * d, 0.f);
@@ -472,8 +581,8 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
           for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
             const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
             if (block_is_zero(plan, t, grad_out)) continue;
-            similarities(plan, t, d, c.get());
-            backward_tile(p, plan, t, c.get(), grad_out, win,
+            TileC tile(plan, t, d, c.get());
+            backward_tile(p, plan, t, tile, saved, grad_out, win,
                           images_parallel ? dv_direct : to_partial,
                           images_parallel ? to_partial : dt_direct);
           }
@@ -493,21 +602,21 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
 
 }  // namespace
 
-void max_align_forward(const Problem& p, float* out) {
+void max_align_forward(const Problem& p, float* out, int32_t* winners) {
   check(p);
   if (p.direction == kI2T)
-    forward(as_t2i(p), true, out);
+    forward(as_t2i(p), true, out, winners);
   else
-    forward(p, false, out);
+    forward(p, false, out, winners);
 }
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
-                        float* grad_texts) {
+                        float* grad_texts, const int32_t* winners) {
   check(p);
   if (p.direction == kI2T)
-    backward(as_t2i(p), true, grad_out, grad_texts, grad_images);
+    backward(as_t2i(p), true, grad_out, grad_texts, grad_images, winners);
   else
-    backward(p, false, grad_out, grad_images, grad_texts);
+    backward(p, false, grad_out, grad_images, grad_texts, winners);
 }
 
 }  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel

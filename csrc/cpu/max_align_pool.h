@@ -39,6 +39,23 @@ inline void column_argmax(const float* c, int64_t ldc, int64_t rows, int64_t col
   }
 }
 
+// A winners entry (layout: max_align_kernel.h) for a query token whose maximum is not reached
+// by exactly one token (exact ties, or a NaN similarity): the backward recomputes its row.
+inline constexpr int32_t kTied = -1;
+
+// The index of the only entry of x[0, n) equal to m (x's maximum), or kTied when several are
+// (or none: NaN); segment_argmax's answer wherever it finds no ties.
+inline int32_t sole_argmax(const float* x, int64_t n, float m) {
+  int32_t k = kTied;
+  int64_t hits = 0;
+  for (int64_t l = 0; l < n; ++l) {
+    if (x[l] != m) continue;
+    k = static_cast<int32_t>(l);
+    ++hits;
+  }
+  return hits == 1 ? k : kTied;
+}
+
 inline float segment_sum(const float* x, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
