@@ -187,13 +187,11 @@ WinnersAt<T> winners_at(const Problem& p, const Plan& plan, T* winners) {
   return {winners, winners + p.bi * plan.t.rows};
 }
 
-// Stores image i's t2i winners for the tile's words from a column argmax (idx: a winning row
-// within the tile's rows of image i, ties: how many rows reach the maximum).
-void store_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* idx,
-                       const int32_t* ties, int32_t* t2i) {
-  int32_t* dst = t2i + i * plan.t.rows + t.w0;
-#pragma omp simd
-  for (int64_t w = 0; w < t.cols; ++w) dst[w] = ties[w] == 1 ? idx[w] : max_pool::kTied;
+// Stores image i's t2i winners for the tile's words (win: per word, its winning row within
+// image i or kTied) in the t2i section.
+void store_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* win,
+                       int32_t* t2i) {
+  std::memcpy(t2i + i * plan.t.rows + t.w0, win, sizeof(int32_t) * t.cols);
 }
 
 // Writes image i's t2i scores against the tile's captions from q, its best score per word.
@@ -207,11 +205,11 @@ void write_t2i(const Problem& p, const Plan& plan, const Tile& t, int64_t i, con
 }
 
 // A forward's winners: where they go (null sections: none kept) and per-thread scratch for
-// one image's column argmax (idx, ties: cols entries each).
+// one image's winners per word of a tile and column_winners' rows (cols entries each).
 struct WinnersOut {
   WinnersAt<int32_t> at;
-  int32_t* idx;
-  int32_t* ties;
+  int32_t* word;
+  int32_t* row;
 };
 
 // Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps),
@@ -223,8 +221,8 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
     const int64_t m = p.image_lengths[i];
     const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
     if (t2i && win.at.t2i) {
-      max_pool::column_argmax(ci, t.cols, m, t.cols, q, win.idx, win.ties);
-      store_t2i_winners(plan, t, i, win.idx, win.ties, win.at.t2i);
+      max_pool::column_winners(ci, t.cols, m, t.cols, q, win.word, win.row);
+      store_t2i_winners(plan, t, i, win.word, win.at.t2i);
       write_t2i(p, plan, t, i, q, out);
     } else if (t2i) {
       max_pool::column_max(ci, t.cols, m, t.cols, q);
@@ -472,8 +470,8 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     auto q = max_tiles::scratch(plan.max_cols);
     auto acc = max_tiles::scratch(plan.max_caps);
-    std::vector<int32_t> idx(at.t2i ? plan.max_cols : 0), ties(idx.size());
-    const WinnersOut win{at, idx.data(), ties.data()};
+    std::vector<int32_t> word(at.t2i ? plan.max_cols : 0), row(word.size());
+    const WinnersOut win{at, word.data(), row.data()};
 #if HATK_CPU_AVX512
     max_screen::Scratch s;
     if (screen) {
