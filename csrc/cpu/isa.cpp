@@ -123,9 +123,9 @@ int64_t max_align_winners_size(const Problem& p) {
   int64_t rows = 0, words = 0;
   for (int64_t i = 0; i < p.bi; ++i) rows += std::clamp<int64_t>(p.image_lengths[i], 0, p.m_max);
   for (int64_t j = 0; j < p.bt; ++j) words += std::clamp<int64_t>(p.text_lengths[j], 0, p.n_max);
-  if (p.direction == kT2I) return p.bi * words;
-  if (p.direction == kI2T) return p.bt * rows;
-  return p.bi * words + rows * p.bt;
+  if (p.direction == kT2I) return p.bi * words + 1;
+  if (p.direction == kI2T) return p.bt * rows + 1;
+  return p.bi * words + rows * p.bt + 1;
 }
 
 void max_align_forward(const Problem& p, float* out, int32_t* winners) {

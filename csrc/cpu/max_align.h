@@ -7,8 +7,9 @@
 namespace hatkernels::cpu {
 
 // How many int32 entries the winners of p take (layout: max_align_kernel.h): one per query
-// token and pair, valid tokens only. Lengths outside [1, max] count as clamped (the
-// launchers reject them). Baseline code (isa.cpp), also called by the kernels.
+// token and pair, valid tokens only, and a last one saying whether any is tied. Lengths
+// outside [1, max] count as clamped (the launchers reject them). Baseline code (isa.cpp),
+// also called by the kernels.
 int64_t max_align_winners_size(const Problem& p);
 
 // out [bi, bt] float32. With winners (max_align_winners_size(p) entries), also every query

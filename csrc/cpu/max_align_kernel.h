@@ -188,10 +188,17 @@ WinnersAt<T> winners_at(const Problem& p, const Plan& plan, T* winners) {
 }
 
 // Stores image i's t2i winners for the tile's words (win: per word, its winning row within
-// image i or kTied) in the t2i section.
-void store_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* win,
+// image i or kTied) in the t2i section; returns whether one of them is kTied.
+bool store_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* win,
                        int32_t* t2i) {
-  std::memcpy(t2i + i * plan.t.rows + t.w0, win, sizeof(int32_t) * t.cols);
+  int32_t* dst = t2i + i * plan.t.rows + t.w0;
+  int32_t low = 0;
+#pragma omp simd reduction(min : low)
+  for (int64_t w = 0; w < t.cols; ++w) {
+    dst[w] = win[w];
+    low = std::min(low, win[w]);
+  }
+  return low < 0;
 }
 
 // Writes image i's t2i scores against the tile's captions from q, its best score per word.
@@ -213,16 +220,17 @@ struct WinnersOut {
 };
 
 // Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps),
-// and writes its winners where kept.
-void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c, float* q,
+// and writes its winners where kept; returns whether one of them is kTied.
+bool pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c, float* q,
                float* acc, const WinnersOut& win, float* out) {
   const bool t2i = p.direction != kI2T, i2t = p.direction != kT2I;
+  bool tied = false;
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t m = p.image_lengths[i];
     const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
     if (t2i && win.at.t2i) {
       max_pool::column_winners(ci, t.cols, m, t.cols, q, win.word, win.row);
-      store_t2i_winners(plan, t, i, win.word, win.at.t2i);
+      tied = store_t2i_winners(plan, t, i, win.word, win.at.t2i) || tied;
       write_t2i(p, plan, t, i, q, out);
     } else if (t2i) {
       max_pool::column_max(ci, t.cols, m, t.cols, q);
@@ -237,7 +245,9 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
           const float* seg = cr + plan.t.off[j] - t.w0;
           const float best = max_pool::segment_max(seg, p.text_lengths[j]);
           acc[j - t.j0] += best;
-          if (wr) wr[j] = max_pool::sole_argmax(seg, p.text_lengths[j], best);
+          if (!wr) continue;
+          wr[j] = max_pool::sole_argmax(seg, p.text_lengths[j], best);
+          tied = tied || wr[j] == max_pool::kTied;
         }
       }
       for (int64_t j = t.j0; j < t.j1; ++j) {
@@ -247,6 +257,7 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
       }
     }
   }
+  return tied;
 }
 
 // Where a gradient row of one side goes: straight into the [items, max_len, d] gradient, or
@@ -462,9 +473,10 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
   const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I && !winners;
   const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
   const WinnersAt<int32_t> at = winners_at(p, plan, winners);
+  bool tied = false;
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
-#pragma omp parallel
+#pragma omp parallel reduction(|| : tied)
   {
     const SingleThreadedBlas one_blas_thread;
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
@@ -486,17 +498,10 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
       if (screen && screened_tile(p, plan, t, s, q.get(), out)) continue;
 #endif
       similarities(plan, t, p.d, c.get());
-      pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out);
+      tied = pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out) || tied;
     }
   }
-}
-
-// Whether a winners array of n entries holds a tied one (the backward then needs similarities).
-bool any_tied(const int32_t* winners, int64_t n) {
-  int32_t low = 0;
-#pragma omp parallel for simd reduction(min : low)
-  for (int64_t k = 0; k < n; ++k) low = std::min(low, winners[k]);
-  return low < 0;
+  if (winners) winners[max_align_winners_size(p) - 1] = tied ? 1 : 0;
 }
 
 void backward(const Problem& p, bool transposed, const float* grad_out, float* grad_images,
@@ -504,8 +509,7 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   // The tiles of the forward (the same GEMM on the same operands gives the same C, so tied
   // query tokens find the same ties); operands are packed only where a tile can need C.
   static_assert(kBackwardRows == kTileRows && kBackwardCols == kTileCols);
-  const bool pack =
-      !winners || any_tied(winners, max_align_winners_size(p));
+  const bool pack = !winners || winners[max_align_winners_size(p) - 1] != 0;
   const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed, false, pack);
   const WinnersAt<const int32_t> saved = winners_at(p, plan, winners);
   const int64_t d = p.d;
@@ -530,7 +534,8 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   // Chunks: runs of consecutive parallel-side groups, each with its own partial of the outer
   // side's rows; a chunk's groups run in order on one thread, and the partials are summed in
   // chunk order, so the result does not depend on which thread ran which chunk. Two chunks
-  // per thread let a faster thread take more of them.
+  // per thread let a faster thread take more of them. Chunk 0 adds straight into the zeroed
+  // gradient: the same sums as a partial added to zero, one partial fewer.
   const int64_t n_chunks =
       std::min<int64_t>(n_inner, kChunksPerThread * static_cast<int64_t>(omp_get_max_threads()));
   // Steps: runs of outer groups whose chunk partials fit kPartialBudget together (usually
@@ -550,7 +555,9 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   for (size_t s = 0; s + 1 < steps.size(); ++s)
     partial_rows = std::max(partial_rows, outer_packed.off[outer_groups[steps[s + 1]]] -
                                               outer_packed.off[outer_groups[steps[s]]]);
-  max_gemm::AlignedFloats partials = max_gemm::aligned_floats(n_chunks * partial_rows * d);
+  // Partial of chunk ch >= 1 at (ch - 1) * partial_rows rows.
+  max_gemm::AlignedFloats partials =
+      max_gemm::aligned_floats((n_chunks - 1) * partial_rows * d);
 #pragma omp parallel
   {
     const SingleThreadedBlas one_blas_thread;
@@ -572,9 +579,9 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
       // A chunk's groups of the parallel side, each across the step's outer groups in order.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t ch = 0; ch < n_chunks; ++ch) {
-        float* partial = partials.get() + ch * partial_rows * d;
-        std::fill(partial, partial + count * d, 0.f);
-        const RowDest to_partial{partial, &outer_packed, outer_len, d, first, false};
+        float* partial = ch ? partials.get() + (ch - 1) * partial_rows * d : outer_grad;
+        if (ch) std::fill(partial, partial + count * d, 0.f);
+        const RowDest to_partial{partial, &outer_packed, outer_len, d, first, ch == 0};
         for (int64_t k = ch * n_inner / n_chunks; k < (ch + 1) * n_inner / n_chunks; ++k) {
           for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
             const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
@@ -590,8 +597,8 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
 #pragma omp for schedule(static)
       for (int64_t r = first; r < first + count; ++r) {
         float* dst = RowDest{outer_grad, &outer_packed, outer_len, d, 0, true}.row(r);
-        for (int64_t ch = 0; ch < n_chunks; ++ch)
-          max_pool::axpy(dst, 1.f, partials.get() + (ch * partial_rows + r - first) * d, d);
+        for (int64_t ch = 1; ch < n_chunks; ++ch)
+          max_pool::axpy(dst, 1.f, partials.get() + ((ch - 1) * partial_rows + r - first) * d, d);
       }
       // Implicit barrier: partials may be cleared for the next step.
     }

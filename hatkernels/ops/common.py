@@ -151,6 +151,9 @@ def register_autograd(op: CustomOpDef, backward_op: CustomOpDef) -> None:
         images, texts, image_lengths, text_lengths, *settings = inputs
         ctx.save_for_backward(output[1], images, texts, image_lengths, text_lengths)
         ctx.settings = settings
+        # No zero-filled stand-in for ``saved``'s gradient (it has none; the copy would cost
+        # as much as ``saved``); the scores' gradient is always there when this runs.
+        ctx.set_materialize_grads(False)
 
     def backward_fn(ctx, grad, grad_saved):
         gi, gt = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)

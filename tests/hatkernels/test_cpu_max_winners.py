@@ -95,7 +95,8 @@ def test_winners_size_is_one_per_query_token_and_pair(direction):
     saved = _run(v, t, vl, tl, direction, "sum", WINNERS)[1]
     t2i, i2t = 5 * int(tl.sum()), int(vl.sum()) * 7
     assert saved.dtype == torch.int32
-    assert saved.numel() == {"t2i": t2i, "i2t": i2t, "both": t2i + i2t}[direction]
+    assert saved.numel() == {"t2i": t2i, "i2t": i2t, "both": t2i + i2t}[direction] + 1
+    assert saved[-1] == 0  # no tie
     # One byte short of the winners: the forward keeps nothing.
     assert _run(v, t, vl, tl, direction, "sum", 4 * saved.numel() - 1)[1].numel() == 0
 
@@ -114,7 +115,7 @@ def test_exact_ties_are_shared_from_winners(direction):
                             reduce="mean")  # fmt: skip
     v, t, vl, tl = _inputs(case)
     kept = _run(v, t, vl, tl, direction, "mean", WINNERS)
-    assert (kept[1] < 0).any() and (kept[1] >= 0).any()
+    assert (kept[1] < 0).any() and (kept[1] >= 0).any() and kept[1][-1] == 1
     _assert_same_results(kept, _run(v, t, vl, tl, direction, "mean", RECOMPUTE))
 
 
@@ -169,7 +170,7 @@ def test_backward_rejects_winners_of_other_inputs():
     v, t = torch.randn(2, 5, 4), torch.randn(3, 6, 4)
     vl, tl = torch.tensor([5, 2]), torch.tensor([6, 1, 2])
     _, winners = _C_cpu.max_align_forward_winners(v, t, vl, tl, 0, True, 1 << 20)
-    assert winners.numel() == 2 * 9
+    assert winners.numel() == 2 * 9 + 1
     with pytest.raises(RuntimeError, match="winners"):
         _C_cpu.max_align_backward(torch.ones(2, 3), v, t, vl, tl, 2, True, winners)
     with pytest.raises(RuntimeError, match="winners"):
