@@ -11,19 +11,44 @@
 // floats, 0.6 MiB; with the two operand panels it stays in the 2 MiB L2) and is pooled while
 // hot: t2i takes a vector max down each image's rows, then a sum per caption; i2t runs as
 // t2i of (texts, images) written transposed, so it gets the same vector max; both does
-// t2i and, from the same C, a max along each caption's words per image token. The tile then writes its [images, captions] block of the output. OpenMP
-// over tiles (dynamic schedule); each thread pins the BLAS to one thread (restored after).
+// t2i and, from the same C, a max along each caption's words per image token. The tile then
+// writes its [images, captions] block of the output. OpenMP over tiles (dynamic schedule);
+// each thread pins the BLAS to one thread (restored after).
 //
-// Backward recomputes each tile's C (no similarities are stored), finds every query token's
-// winner (ties share the gradient, as torch's amax does), and scatters: a t2i winner
-// (image token r, word w) with coefficient a adds a T[w] to dV[r] and a V[r] to dT[w] (i2t the
-// same with the roles swapped). That is 4 D flops per query token and item, 2/m (or 2/n) of
-// the forward GEMM, so dense dS GEMMs would cost more than they save. Race-free without
-// atomics: a task owns one group of the "parallel" side (images for t2i and both, captions
-// for i2t, the side whose rows the scattered winners hit, kept hot in L2) and runs it
-// against every group of the other side, whose gradient rows go to partials. Deterministic:
-// the parallel side's groups are cut into fixed chunks (two per thread), each with its own
-// partial, run on one thread in order, and the partials are summed in chunk order after one
+// Winners. A forward whose caller needs gradients may also keep every query token's winner,
+// so that the backward needs no similarities. The int32 array (max_align_winners_size
+// entries, valid tokens only, packed as Plan's Packed index them) is, for the problem the
+// kernel runs (i2t runs as t2i of (texts, images), so its winners are that problem's t2i
+// section, per caption and valid image token):
+//   t2i section (directions t2i and both): [bi][words], words = all valid words of all
+//     captions in order; entry (i, w) = the row within image i (0 .. m_i - 1) of the image
+//     token that word w's maximum comes from;
+//   i2t section (direction both, after the t2i one): [rows][bt], rows = all valid image
+//     tokens in order; entry (r, j) = the word within caption j (0 .. n_j - 1) of token r's
+//     maximum;
+//   last entry: 1 when some entry above is kTied, else 0.
+// kTied (-1) marks a query token whose maximum is not reached by exactly one token (exact
+// ties, or a NaN similarity). The t2i winners come from the same
+// pass as the max (max_pool::column_winners: a row that beats the best so far becomes the
+// winner, one that equals it makes a tie), and are written per image and tile by
+// store_t2i_winners; both's i2t winners from each caption segment's max (sole_argmax).
+// Keeping them costs the forward about 2% (W1, t2i), 4 bytes per query token and pair.
+//
+// Backward. Every tile finds each query token's winner: from the saved winners where there
+// are some and the token is not tied; otherwise from the tile's C, recomputed (the same tiles
+// and the same GEMM as the forward, so the same values and the same ties; the operands are
+// packed only when a tile can need C). Exact ties share the gradient equally (as torch's amax
+// does). It then scatters: a t2i winner (image token r, word w) with coefficient a adds a T[w]
+// to dV[r] and a V[r] to dT[w] (i2t the same with the roles swapped). That is 4 D flops per
+// query token and item, 2/m (or 2/n) of the forward GEMM, so dense dS GEMMs would cost more
+// than they save; from saved winners the backward is this scatter alone (about 0.35 of the
+// forward's time on W1, against 1.4 when it recomputes C). The two ways to a winner give
+// bit-identical gradients. Race-free without atomics: a task owns one group of the
+// "parallel" side (images for t2i and both, captions for i2t, the side whose rows the
+// scattered winners hit, kept hot in L2) and runs it against every group of the other side,
+// whose gradient rows go to partials. Deterministic: the parallel side's groups are cut into
+// fixed chunks (two per thread), each with its own partial (chunk 0's is the zeroed gradient
+// itself), run on one thread in order, and the partials are summed in chunk order after one
 // barrier (steps of several barriers only when chunks x partial rows exceed
 // kPartialBudget); so a given thread count gives bit-identical gradients from run to run,
 // whatever the scheduling. Tiles whose output-gradient block is all zero are skipped.

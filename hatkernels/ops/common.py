@@ -152,12 +152,15 @@ def register_autograd(op: CustomOpDef, backward_op: CustomOpDef) -> None:
         ctx.save_for_backward(output[1], images, texts, image_lengths, text_lengths)
         ctx.settings = settings
         # No zero-filled stand-in for ``saved``'s gradient (it has none; the copy would cost
-        # as much as ``saved``); the scores' gradient is always there when this runs.
+        # as much as ``saved``), so an undefined gradient arrives as None.
         ctx.set_materialize_grads(False)
 
     def backward_fn(ctx, grad, grad_saved):
+        nothing = (None,) * (2 + len(ctx.settings))
+        if grad is None:
+            return (None, None) + nothing
         gi, gt = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
-        return (gi, gt) + (None,) * (2 + len(ctx.settings))
+        return (gi, gt) + nothing
 
     op.register_fake(fake_outputs)
     backward_op.register_fake(fake_grads)

@@ -175,3 +175,16 @@ def test_backward_rejects_winners_of_other_inputs():
         _C_cpu.max_align_backward(torch.ones(2, 3), v, t, vl, tl, 2, True, winners)
     with pytest.raises(RuntimeError, match="winners"):
         _C_cpu.max_align_backward(torch.ones(2, 3), v, t, vl, tl, 0, True, winners.long())
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t"])
+def test_a_call_keeping_winners_is_not_screened(direction, monkeypatch):
+    """HATKERNELS_CPU_SCREEN=1 screens only calls without winners: with them, the scores are
+    the float32 kernel's bit for bit (screening rounds the winning dot product differently)."""
+    v, t, vl, tl = _inputs(make_case(67, 13, 40, [(49, 32, 64)]))
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "0")
+    float32 = _run(v, t, vl, tl, direction, "mean", WINNERS)
+    monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
+    kept = _run(v, t, vl, tl, direction, "mean", WINNERS)
+    assert kept[1].numel() > 0
+    _assert_same_results(kept, float32)
