@@ -32,7 +32,7 @@
 // pass as the max (max_pool::column_winners: a row that beats the best so far becomes the
 // winner, one that equals it makes a tie), and are written per image and tile by
 // store_t2i_winners; both's i2t winners from each caption segment's max (sole_argmax).
-// Keeping them costs the forward about 2% (W1, t2i), 4 bytes per query token and pair.
+// Keeping them costs the forward about 1.5% (W1, t2i), 4 bytes per query token and pair.
 //
 // Backward. Every tile finds each query token's winner: from the saved winners where there
 // are some and the token is not tied; otherwise from the tile's C, recomputed (the same tiles
@@ -41,7 +41,7 @@
 // does). It then scatters: a t2i winner (image token r, word w) with coefficient a adds a T[w]
 // to dV[r] and a V[r] to dT[w] (i2t the same with the roles swapped). That is 4 D flops per
 // query token and item, 2/m (or 2/n) of the forward GEMM, so dense dS GEMMs would cost more
-// than they save; from saved winners the backward is this scatter alone (about 0.35 of the
+// than they save; from saved winners the backward is this scatter alone (about 0.4 of the
 // forward's time on W1, against 1.4 when it recomputes C). The two ways to a winner give
 // bit-identical gradients. Race-free without atomics: a task owns one group of the
 // "parallel" side (images for t2i and both, captions for i2t, the side whose rows the
