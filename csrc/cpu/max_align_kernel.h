@@ -28,10 +28,10 @@
 //     maximum;
 //   last entry: 1 when some entry above is kTied, else 0.
 // kTied (-1) marks a query token whose maximum is not reached by exactly one token (exact
-// ties, or a NaN similarity). The t2i winners come from the same
-// pass as the max (max_pool::column_winners: a row that beats the best so far becomes the
-// winner, one that equals it makes a tie), and are written per image and tile by
-// store_t2i_winners; both's i2t winners from each caption segment's max (sole_argmax).
+// ties, or a NaN similarity). The t2i winners come from the same pass as the max
+// (max_pool::column_winners: a row that beats the best so far becomes the winner, one that
+// equals it makes a tie) and are written per image and tile by store_t2i_winners; both's
+// i2t winners come from each caption segment's max (sole_argmax).
 // Keeping them costs the forward about 1.5% (W1, t2i), 4 bytes per query token and pair.
 //
 // Backward. Every tile finds each query token's winner: from the saved winners where there
