@@ -156,7 +156,10 @@ def hier_align(
         backend: ``"auto"`` (fastest available for the device), ``"torch"``, ``"cpu"``,
             ``"triton"`` or ``"cuda"``. ``HATKERNELS_BACKEND`` overrides ``"auto"``.
         memory_budget: bytes of working memory for backends that size blocks to a budget
-            (the torch backend); the ``[Bi, Bt]`` output is extra.
+            (the torch backend), and what the cpu backend may keep between max pooling's
+            forward and backward (every query token's winner, 4 bytes per query token and
+            pair; with less, its backward recomputes the similarities); the ``[Bi, Bt]``
+            output is extra.
 
     Returns:
         ``[Bi, Bt]`` float32 scores (float64 for float64 inputs), differentiable; an empty

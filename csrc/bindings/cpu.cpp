@@ -2,6 +2,7 @@
 // float32, calls the plain launchers of csrc/cpu, and exposes them to Python.
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,16 +56,40 @@ torch::Tensor max_align_forward(const torch::Tensor& images, const torch::Tensor
   return out;
 }
 
+// Scores and the winners (int32, max_align_kernel.h) when they take at most max_bytes, else
+// an empty int32 tensor (and the plain forward).
+std::tuple<torch::Tensor, torch::Tensor> max_align_forward_winners(
+    const torch::Tensor& images, const torch::Tensor& texts, const torch::Tensor& image_lengths,
+    const torch::Tensor& text_lengths, int64_t direction, bool mean, int64_t max_bytes) {
+  auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
+  auto out = torch::empty({images.size(0), texts.size(0)}, images.options().dtype(torch::kFloat32));
+  const int64_t size = hatkernels::cpu::max_align_winners_size(p.problem);
+  const bool keep = size <= max_bytes / static_cast<int64_t>(sizeof(int32_t));
+  auto winners = torch::empty({keep ? size : 0}, images.options().dtype(torch::kInt32));
+  hatkernels::cpu::max_align_forward(p.problem, out.data_ptr<float>(),
+                                     keep ? winners.data_ptr<int32_t>() : nullptr);
+  return {out, winners};
+}
+
 std::tuple<torch::Tensor, torch::Tensor> max_align_backward(
     const torch::Tensor& grad, const torch::Tensor& images, const torch::Tensor& texts,
     const torch::Tensor& image_lengths, const torch::Tensor& text_lengths, int64_t direction,
-    bool mean) {
+    bool mean, const std::optional<torch::Tensor>& winners) {
   auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
   auto g = grad.to(torch::kFloat32).contiguous();
   auto gi = torch::empty_like(p.images);
   auto gt = torch::empty_like(p.texts);
+  const int32_t* win = nullptr;
+  if (winners) {
+    TORCH_CHECK(winners->device().is_cpu() && winners->scalar_type() == torch::kInt32 &&
+                    winners->is_contiguous() &&
+                    winners->numel() == hatkernels::cpu::max_align_winners_size(p.problem),
+                "hatkernels cpu: winners must be what max_align_forward_winners kept for "
+                "these inputs (contiguous int32)");
+    win = winners->data_ptr<int32_t>();
+  }
   hatkernels::cpu::max_align_backward(p.problem, g.data_ptr<float>(), gi.data_ptr<float>(),
-                                      gt.data_ptr<float>());
+                                      gt.data_ptr<float>(), win);
   return {gi.to(images.scalar_type()), gt.to(texts.scalar_type())};
 }
 
@@ -108,7 +133,12 @@ std::string cpu_screen() { return hatkernels::cpu::screening_status(); }
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "hatkernels fused CPU kernels (max and scan alignment)";
   m.def("max_align_forward", &max_align_forward);
-  m.def("max_align_backward", &max_align_backward);
+  m.def("max_align_forward_winners", &max_align_forward_winners,
+        "max_align_forward that also returns every query token's winner (int32) when they "
+        "take at most max_bytes, else an empty int32 tensor.");
+  m.def("max_align_backward", &max_align_backward, py::arg("grad"), py::arg("images"),
+        py::arg("texts"), py::arg("image_lengths"), py::arg("text_lengths"),
+        py::arg("direction"), py::arg("mean"), py::arg("winners") = py::none());
   m.def("scan_align_forward", &scan_align_forward);
   m.def("scan_align_backward", &scan_align_backward);
   m.def("cpu_isa", &cpu_isa,

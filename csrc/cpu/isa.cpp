@@ -2,6 +2,7 @@
 // which run the chosen level. Compiled for the baseline only.
 #include "cpu/isa.h"
 
+#include <algorithm>
 #include <cstdlib>
 #if defined(__linux__)
 #include <sys/syscall.h>
@@ -153,16 +154,25 @@ std::string screening_status() {
          ", float32 for the candidates)";
 }
 
-void max_align_forward(const Problem& p, float* out) {
+int64_t max_align_winners_size(const Problem& p) {
+  int64_t rows = 0, words = 0;
+  for (int64_t i = 0; i < p.bi; ++i) rows += std::clamp<int64_t>(p.image_lengths[i], 0, p.m_max);
+  for (int64_t j = 0; j < p.bt; ++j) words += std::clamp<int64_t>(p.text_lengths[j], 0, p.n_max);
+  if (p.direction == kT2I) return p.bi * words + 1;
+  if (p.direction == kI2T) return p.bt * rows + 1;
+  return p.bi * words + rows * p.bt + 1;
+}
+
+void max_align_forward(const Problem& p, float* out, int32_t* winners) {
   Problem screened = p;
   screened.screen = screening();
   screened.amx = screened.screen && screen_wanted() == ScreenWanted::kBest && amx_usable();
-  kernels().max_forward(screened, out);
+  kernels().max_forward(screened, out, winners);
 }
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
-                        float* grad_texts) {
-  kernels().max_backward(p, grad_out, grad_images, grad_texts);
+                        float* grad_texts, const int32_t* winners) {
+  kernels().max_backward(p, grad_out, grad_images, grad_texts, winners);
 }
 
 void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {

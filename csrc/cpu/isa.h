@@ -29,8 +29,8 @@ enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 // The launchers of one level (signatures as in max_align.h and scan_align.h).
 struct Kernels {
-  void (*max_forward)(const Problem&, float*);
-  void (*max_backward)(const Problem&, const float*, float*, float*);
+  void (*max_forward)(const Problem&, float*, int32_t*);
+  void (*max_backward)(const Problem&, const float*, float*, float*, const int32_t*);
   void (*scan_forward)(const Problem&, float, float*);
   void (*scan_backward)(const Problem&, float, const float*, float*, float*);
 };

@@ -11,19 +11,45 @@
 // floats, 0.6 MiB; with the two operand panels it stays in the 2 MiB L2) and is pooled while
 // hot: t2i takes a vector max down each image's rows, then a sum per caption; i2t runs as
 // t2i of (texts, images) written transposed, so it gets the same vector max; both does
-// t2i and, from the same C, a max along each caption's words per image token. The tile then writes its [images, captions] block of the output. OpenMP
-// over tiles (dynamic schedule); each thread pins the BLAS to one thread (restored after).
+// t2i and, from the same C, a max along each caption's words per image token. The tile then
+// writes its [images, captions] block of the output. OpenMP over tiles (dynamic schedule);
+// each thread pins the BLAS to one thread (restored after).
 //
-// Backward recomputes each tile's C (no similarities are stored), finds every query token's
-// winner (ties share the gradient, as torch's amax does), and scatters: a t2i winner
-// (image token r, word w) with coefficient a adds a T[w] to dV[r] and a V[r] to dT[w] (i2t the
-// same with the roles swapped). That is 4 D flops per query token and item, 2/m (or 2/n) of
-// the forward GEMM, so dense dS GEMMs would cost more than they save. Race-free without
-// atomics: a task owns one group of the "parallel" side (images for t2i and both, captions
-// for i2t, the side whose rows the scattered winners hit, kept hot in L2) and runs it
-// against every group of the other side, whose gradient rows go to partials. Deterministic:
-// the parallel side's groups are cut into fixed chunks (two per thread), each with its own
-// partial, run on one thread in order, and the partials are summed in chunk order after one
+// Winners. A forward whose caller needs gradients may also keep every query token's winner,
+// so that the backward needs no similarities. The int32 array (max_align_winners_size
+// entries, valid tokens only, packed as Plan's Packed index them) is, for the problem the
+// kernel runs (i2t runs as t2i of (texts, images), so its winners are that problem's t2i
+// section, per caption and valid image token):
+//   t2i section (directions t2i and both): [bi][words], words = all valid words of all
+//     captions in order; entry (i, w) = the row within image i (0 .. m_i - 1) of the image
+//     token that word w's maximum comes from;
+//   i2t section (direction both, after the t2i one): [rows][bt], rows = all valid image
+//     tokens in order; entry (r, j) = the word within caption j (0 .. n_j - 1) of token r's
+//     maximum;
+//   last entry: 1 when some entry above is kTied, else 0.
+// kTied (-1) marks a query token whose maximum is not reached by exactly one token (exact
+// ties, or a NaN similarity). The t2i winners come from the same pass as the max
+// (max_pool::column_winners: a row that beats the best so far becomes the winner, one that
+// equals it makes a tie; the screened forward's from its candidates, max_align_screen.h) and
+// are written per image and tile by store_t2i_winners; both's
+// i2t winners come from each caption segment's max (sole_argmax).
+// Keeping them costs the forward about 1.5% (W1, t2i), 4 bytes per query token and pair.
+//
+// Backward. Every tile finds each query token's winner: from the saved winners where there
+// are some and the token is not tied; otherwise from the tile's C, recomputed (the same tiles
+// and the same GEMM as the forward, so the same values and the same ties; the operands are
+// packed only when a tile can need C). Exact ties share the gradient equally (as torch's amax
+// does). It then scatters: a t2i winner (image token r, word w) with coefficient a adds a T[w]
+// to dV[r] and a V[r] to dT[w] (i2t the same with the roles swapped). That is 4 D flops per
+// query token and item, 2/m (or 2/n) of the forward GEMM, so dense dS GEMMs would cost more
+// than they save; from saved winners the backward is this scatter alone (about 0.4 of the
+// forward's time on W1, against 1.4 when it recomputes C). The two ways to a winner give
+// bit-identical gradients. Race-free without atomics: a task owns one group of the
+// "parallel" side (images for t2i and both, captions for i2t, the side whose rows the
+// scattered winners hit, kept hot in L2) and runs it against every group of the other side,
+// whose gradient rows go to partials. Deterministic: the parallel side's groups are cut into
+// fixed chunks (two per thread), each with its own partial (chunk 0's is the zeroed gradient
+// itself), run on one thread in order, and the partials are summed in chunk order after one
 // barrier (steps of several barriers only when chunks x partial rows exceed
 // kPartialBudget); so a given thread count gives bit-identical gradients from run to run,
 // whatever the scheduling. Tiles whose output-gradient block is all zero are skipped.
@@ -34,6 +60,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/max_align.h"
 #include "cpu/max_align_amx.h"
 #include "cpu/max_align_gemm.h"
 #include "cpu/max_align_pool.h"
@@ -76,7 +103,7 @@ struct Plan {
 };
 
 Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed,
-               bool screen = false) {
+               bool screen = false, bool pack = true) {
   Plan plan;
   plan.si = transposed ? 1 : p.bt;
   plan.sj = transposed ? p.bi : 1;
@@ -100,8 +127,9 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
     const int64_t cols = plan.t.off[plan.cg[g + 1]] - plan.t.off[plan.cg[g]];
     plan.b_start[g + 1] = plan.b_start[g] + (cols + pad - 1) / pad * pad * d;
   }
-  plan.a = max_gemm::aligned_floats(plan.v.rows * d);
-  plan.b = max_gemm::aligned_floats(plan.b_start[n_cg]);
+  // Without packing (a backward from winners with no ties), no tile's C can be computed.
+  plan.a = max_gemm::aligned_floats(pack ? plan.v.rows * d : 0);
+  plan.b = max_gemm::aligned_floats(pack ? plan.b_start[n_cg] : 0);
 #if HATK_CPU_AVX512
   if (screen) {
     const int64_t multiple = p.amx ? max_amx::kWordsPerStep : 1;
@@ -114,8 +142,9 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
 #else
   (void)screen;
 #endif
+  const int64_t n_pack = pack ? n_ig + n_cg : 0;
 #pragma omp parallel for schedule(dynamic, 1)
-  for (int64_t k = 0; k < n_ig + n_cg; ++k) {
+  for (int64_t k = 0; k < n_pack; ++k) {
     if (k < n_ig) {
       const int64_t r0 = plan.v.off[plan.ig[k]], rows = plan.v.off[plan.ig[k + 1]] - r0;
       if constexpr (max_gemm::kPanels) {
@@ -171,6 +200,36 @@ void similarities(const Plan& plan, const Tile& t, int64_t d, float* c) {
 #endif
 }
 
+// Where a forward writes winners and a backward reads them (layout at the top of this file):
+// the t2i section [bi][words] and the i2t section of direction both [rows][bt], null where
+// the problem has none or no winners are kept.
+template <class T>
+struct WinnersAt {
+  T* t2i = nullptr;
+  T* i2t = nullptr;
+};
+
+template <class T>
+WinnersAt<T> winners_at(const Problem& p, const Plan& plan, T* winners) {
+  if (!winners) return {};
+  if (p.direction == kT2I) return {winners, nullptr};
+  return {winners, winners + p.bi * plan.t.rows};
+}
+
+// Stores image i's t2i winners for the tile's words (win: per word, its winning row within
+// image i or kTied) in the t2i section; returns whether one of them is kTied.
+bool store_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* win,
+                       int32_t* t2i) {
+  int32_t* dst = t2i + i * plan.t.rows + t.w0;
+  int32_t low = 0;
+#pragma omp simd reduction(min : low)
+  for (int64_t w = 0; w < t.cols; ++w) {
+    dst[w] = win[w];
+    low = std::min(low, win[w]);
+  }
+  return low < 0;
+}
+
 // Writes image i's t2i scores against the tile's captions from q, its best score per word.
 void write_t2i(const Problem& p, const Plan& plan, const Tile& t, int64_t i, const float* q,
                float* out) {
@@ -181,14 +240,28 @@ void write_t2i(const Problem& p, const Plan& plan, const Tile& t, int64_t i, con
   }
 }
 
-// Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps).
-void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c, float* q,
-               float* acc, float* out) {
+// A forward's winners: where they go (null sections: none kept) and per-thread scratch for
+// one image's winners per word of a tile and column_winners' rows (cols entries each).
+struct WinnersOut {
+  WinnersAt<int32_t> at;
+  int32_t* word;
+  int32_t* row;
+};
+
+// Pools tile t of C into out[i, j] for its images and captions (q: cols floats, acc: caps),
+// and writes its winners where kept; returns whether one of them is kTied.
+bool pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c, float* q,
+               float* acc, const WinnersOut& win, float* out) {
   const bool t2i = p.direction != kI2T, i2t = p.direction != kT2I;
+  bool tied = false;
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t m = p.image_lengths[i];
     const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
-    if (t2i) {
+    if (t2i && win.at.t2i) {
+      max_pool::column_winners(ci, t.cols, m, t.cols, q, win.word, win.row);
+      tied = store_t2i_winners(plan, t, i, win.word, win.at.t2i) || tied;
+      write_t2i(p, plan, t, i, q, out);
+    } else if (t2i) {
       max_pool::column_max(ci, t.cols, m, t.cols, q);
       write_t2i(p, plan, t, i, q, out);
     }
@@ -196,8 +269,15 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
       std::fill(acc, acc + (t.j1 - t.j0), 0.f);
       for (int64_t r = 0; r < m; ++r) {
         const float* cr = ci + r * t.cols;
-        for (int64_t j = t.j0; j < t.j1; ++j)
-          acc[j - t.j0] += max_pool::segment_max(cr + plan.t.off[j] - t.w0, p.text_lengths[j]);
+        int32_t* wr = win.at.i2t ? win.at.i2t + (plan.v.off[i] + r) * p.bt : nullptr;
+        for (int64_t j = t.j0; j < t.j1; ++j) {
+          const float* seg = cr + plan.t.off[j] - t.w0;
+          const float best = max_pool::segment_max(seg, p.text_lengths[j]);
+          acc[j - t.j0] += best;
+          if (!wr) continue;
+          wr[j] = max_pool::sole_argmax(seg, p.text_lengths[j], best);
+          tied = tied || wr[j] == max_pool::kTied;
+        }
       }
       for (int64_t j = t.j0; j < t.j1; ++j) {
         const float s = p.mean ? acc[j - t.j0] / static_cast<float>(m) : acc[j - t.j0];
@@ -206,6 +286,7 @@ void pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
       }
     }
   }
+  return tied;
 }
 
 // Where a gradient row of one side goes: straight into the [items, max_len, d] gradient, or
@@ -230,8 +311,44 @@ bool block_is_zero(const Plan& plan, const Tile& t, const float* g) {
   return true;
 }
 
-// Scatters the gradient of tile t (similarities in c) into dv / dt. Loop orders keep the
-// query token's rows in L1: t2i runs word by word over the tile's images (winners of all
+// The similarities C of one tile, computed on first use (into a per-thread buffer): for every
+// tile without saved winners, only for a tile with a tied query token with them.
+class TileC {
+ public:
+  TileC(const Plan& plan, const Tile& t, int64_t d, float* buf)
+      : plan_(plan), t_(t), d_(d), buf_(buf) {}
+  const float* get() {
+    if (!ready_) similarities(plan_, t_, d_, buf_);
+    ready_ = true;
+    return buf_;
+  }
+
+ private:
+  const Plan& plan_;
+  const Tile& t_;
+  int64_t d_;
+  float* buf_;
+  bool ready_ = false;
+};
+
+// Image i's saved t2i winners for the tile's words as a column argmax's idx and ties (one
+// winner each); false when one of them is tied (the caller then recomputes that image).
+bool load_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* t2i,
+                      int32_t* idx, int32_t* ties) {
+  const int32_t* src = t2i + i * plan.t.rows + t.w0;
+  int32_t low = 0;
+#pragma omp simd reduction(min : low)
+  for (int64_t w = 0; w < t.cols; ++w) {
+    idx[w] = src[w];
+    ties[w] = 1;
+    low = std::min(low, src[w]);
+  }
+  return low >= 0;
+}
+
+// Scatters the gradient of tile t into dv / dt. Each query token's winner comes from the
+// saved winners where kept and not tied, else from the tile's similarities. Loop orders keep
+// the query token's rows in L1: t2i runs word by word over the tile's images (winners of all
 // images first: best/idx/ties [images, cols]), i2t image token by image token over the
 // captions. Exact ties share the gradient equally (torch's amax does the same).
 struct Winners {
@@ -244,14 +361,19 @@ struct Winners {
   float* a;
 };
 
-void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c,
-                   const float* g, const Winners& win, const RowDest& dv, const RowDest& dt) {
+void backward_tile(const Problem& p, const Plan& plan, const Tile& t, TileC& tile,
+                   const WinnersAt<const int32_t>& saved, const float* g, const Winners& win,
+                   const RowDest& dv, const RowDest& dt) {
   const int64_t d = p.d;
   float* coef = win.coef;
   if (p.direction != kI2T) {
+    const float* c = nullptr;  // set once an image needs the similarities
     for (int64_t i = t.i0; i < t.i1; ++i) {
-      const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
       const int64_t o = (i - t.i0) * t.cols;
+      if (saved.t2i && load_t2i_winners(plan, t, i, saved.t2i, win.idx + o, win.ties + o))
+        continue;
+      c = tile.get();
+      const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
       max_pool::column_argmax(ci, t.cols, p.image_lengths[i], t.cols, win.best + o,
                               win.idx + o, win.ties + o);
     }
@@ -299,14 +421,18 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, const floa
       }
       if (!any) continue;
       for (int64_t r = vr0; r < vr0 + m; ++r) {
-        const float* cr = c + (r - t.r0) * t.cols;
         const float* vr = plan.v_rows.row(r);
         float* dvr = dv.row(r);
+        const int32_t* sr = saved.i2t ? saved.i2t + r * p.bt : nullptr;
         for (int64_t j = t.j0; j < t.j1; ++j) {
           const float a = coef[j - t.j0];
           if (a == 0.f) continue;
           const int64_t tw0 = plan.t.off[j], n = p.text_lengths[j];
-          const float* seg = cr + tw0 - t.w0;
+          if (sr && sr[j] != max_pool::kTied) {
+            max_pool::axpy2(dvr, plan.t_rows.row(tw0 + sr[j]), dt.row(tw0 + sr[j]), vr, a, d);
+            continue;
+          }
+          const float* seg = tile.get() + (r - t.r0) * t.cols + tw0 - t.w0;
           int64_t ties = 1;
           const int64_t k = max_pool::segment_argmax(seg, n, ties);
           const float share = a / static_cast<float>(ties);
@@ -341,9 +467,10 @@ int64_t screen_ldc(const Problem& p, int64_t cols) {
 }
 
 // The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
-// float32 kernel (too many candidates). win: per-thread scratch of the tile's columns.
+// float32 kernel (too many candidates). Writes the winners where kept (at.t2i) and sets tied
+// when one of them is kTied (a NaN maximum counts as tied, as in max_pool::column_winners).
 bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
-                   float* q, float* out) {
+                   const WinnersAt<int32_t>& at, float* q, float* out, bool& tied) {
   const int64_t d4 = plan.qv.d4;
   const int32_t* b8 = plan.b8.data() + plan.b_start[t.b] / p.d * d4;
   const int64_t ldc = screen_ldc(p, t.cols);
@@ -354,14 +481,22 @@ bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen
                                        s.c.data(), ldc);
   const int64_t limit = t.rows * t.cols / max_screen::kMaxCandidateShare;
   int64_t extra = 0;
+  bool tile_tied = false;
   for (int64_t i = t.i0; i < t.i1; ++i) {
     const int64_t r0 = plan.v.off[i];
     const max_screen::Image im{s.c.data() + (r0 - t.r0) * ldc, p.image_lengths[i], ldc, r0};
     extra += max_screen::screen_image(im, t.cols, t.w0, plan.qv, plan.qt, plan.v_rows,
-                                      plan.t_rows, q, s.win.data(), s.thr.data());
+                                      plan.t_rows, q, s.win.data(), s.thr.data(),
+                                      s.first.data());
     if (extra > limit) return false;
+    if (at.t2i) {
+      for (int64_t w = 0; w < t.cols; ++w)
+        if (q[w] != q[w]) s.win[w] = max_pool::kTied;
+      tile_tied = store_t2i_winners(plan, t, i, s.win.data(), at.t2i) || tile_tied;
+    }
     write_t2i(p, plan, t, i, q, out);
   }
+  tied = tied || tile_tied;
   return true;
 }
 
@@ -374,9 +509,11 @@ bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen
 // stay bit-identical from run to run.
 constexpr int64_t kProbeTiles = 8, kGiveUpShare = 8;
 
-void forward(const Problem& p, bool transposed, float* out) {
+void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
   const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I;
   const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
+  const WinnersAt<int32_t> at = winners_at(p, plan, winners);
+  bool tied = false;
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
 #if HATK_CPU_AVX512
@@ -386,12 +523,14 @@ void forward(const Problem& p, bool transposed, float* out) {
   const int64_t n_probe = screen ? std::min(kProbeTiles, n_tiles) : 0;
   std::vector<char> probed(screen ? n_tiles : 0, 0);
 #endif
-#pragma omp parallel
+#pragma omp parallel reduction(|| : tied)
   {
     const SingleThreadedBlas one_blas_thread;
     auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
     auto q = max_tiles::scratch(plan.max_cols);
     auto acc = max_tiles::scratch(plan.max_caps);
+    std::vector<int32_t> word(at.t2i ? plan.max_cols : 0), row(word.size());
+    const WinnersOut win{at, word.data(), row.data()};
 #if HATK_CPU_AVX512
     max_screen::Scratch s;
     if (screen) {
@@ -399,12 +538,14 @@ void forward(const Problem& p, bool transposed, float* out) {
       s.c.resize((plan.max_rows + extra) * screen_ldc(p, plan.max_cols));
       s.win.resize(plan.max_cols);
       s.thr.resize(plan.max_cols);
+      s.first.resize(plan.max_cols);
       if (p.amx) max_amx::configure();
     }
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < n_probe; ++j) {
       const int64_t k = j * n_tiles / n_probe;
-      probed[k] = screened_tile(p, plan, tile_of(plan, k / n_cg, k % n_cg), s, q.get(), out) ? 1 : 2;
+      const Tile t = tile_of(plan, k / n_cg, k % n_cg);
+      probed[k] = screened_tile(p, plan, t, s, at, q.get(), out, tied) ? 1 : 2;
     }
     // Implicit barrier: every probe is done.
     int64_t fell = 0;
@@ -415,21 +556,28 @@ void forward(const Problem& p, bool transposed, float* out) {
     for (int64_t k = 0; k < n_ig * n_cg; ++k) {
       const Tile t = tile_of(plan, k / n_cg, k % n_cg);
 #if HATK_CPU_AVX512
-      if (screen && (probed[k] == 1 || (!probed[k] && keep && screened_tile(p, plan, t, s, q.get(), out))))
+      if (screen && (probed[k] == 1 ||
+                     (!probed[k] && keep && screened_tile(p, plan, t, s, at, q.get(), out, tied))))
         continue;
 #endif
       similarities(plan, t, p.d, c.get());
-      pool_tile(p, plan, t, c.get(), q.get(), acc.get(), out);
+      tied = pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out) || tied;
     }
 #if HATK_CPU_AVX512
     if (screen && p.amx) max_amx::release();
 #endif
   }
+  if (winners) winners[max_align_winners_size(p) - 1] = tied ? 1 : 0;
 }
 
 void backward(const Problem& p, bool transposed, const float* grad_out, float* grad_images,
-              float* grad_texts) {
-  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed);
+              float* grad_texts, const int32_t* winners) {
+  // The tiles of the forward (the same GEMM on the same operands gives the same C, so tied
+  // query tokens find the same ties); operands are packed only where a tile can need C.
+  static_assert(kBackwardRows == kTileRows && kBackwardCols == kTileCols);
+  const bool pack = !winners || winners[max_align_winners_size(p) - 1] != 0;
+  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed, false, pack);
+  const WinnersAt<const int32_t> saved = winners_at(p, plan, winners);
   const int64_t d = p.d;
   std::fill(grad_images, grad_images + p.bi * p.m_max * d, 0.f);
   std::fill(grad_texts, grad_texts + p.bt * p.n_max * d, 0.f);
@@ -452,7 +600,8 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   // Chunks: runs of consecutive parallel-side groups, each with its own partial of the outer
   // side's rows; a chunk's groups run in order on one thread, and the partials are summed in
   // chunk order, so the result does not depend on which thread ran which chunk. Two chunks
-  // per thread let a faster thread take more of them.
+  // per thread let a faster thread take more of them. Chunk 0 adds straight into the zeroed
+  // gradient: the same sums as a partial added to zero, one partial fewer.
   const int64_t n_chunks =
       std::min<int64_t>(n_inner, kChunksPerThread * static_cast<int64_t>(omp_get_max_threads()));
   // Steps: runs of outer groups whose chunk partials fit kPartialBudget together (usually
@@ -472,7 +621,9 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
   for (size_t s = 0; s + 1 < steps.size(); ++s)
     partial_rows = std::max(partial_rows, outer_packed.off[outer_groups[steps[s + 1]]] -
                                               outer_packed.off[outer_groups[steps[s]]]);
-  max_gemm::AlignedFloats partials = max_gemm::aligned_floats(n_chunks * partial_rows * d);
+  // Partial of chunk ch >= 1 at (ch - 1) * partial_rows rows.
+  max_gemm::AlignedFloats partials =
+      max_gemm::aligned_floats((n_chunks - 1) * partial_rows * d);
 #pragma omp parallel
   {
     const SingleThreadedBlas one_blas_thread;
@@ -494,15 +645,15 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
       // A chunk's groups of the parallel side, each across the step's outer groups in order.
 #pragma omp for schedule(dynamic, 1)
       for (int64_t ch = 0; ch < n_chunks; ++ch) {
-        float* partial = partials.get() + ch * partial_rows * d;
-        std::fill(partial, partial + count * d, 0.f);
-        const RowDest to_partial{partial, &outer_packed, outer_len, d, first, false};
+        float* partial = ch ? partials.get() + (ch - 1) * partial_rows * d : outer_grad;
+        if (ch) std::fill(partial, partial + count * d, 0.f);
+        const RowDest to_partial{partial, &outer_packed, outer_len, d, first, ch == 0};
         for (int64_t k = ch * n_inner / n_chunks; k < (ch + 1) * n_inner / n_chunks; ++k) {
           for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
             const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
             if (block_is_zero(plan, t, grad_out)) continue;
-            similarities(plan, t, d, c.get());
-            backward_tile(p, plan, t, c.get(), grad_out, win,
+            TileC tile(plan, t, d, c.get());
+            backward_tile(p, plan, t, tile, saved, grad_out, win,
                           images_parallel ? dv_direct : to_partial,
                           images_parallel ? to_partial : dt_direct);
           }
@@ -512,8 +663,8 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
 #pragma omp for schedule(static)
       for (int64_t r = first; r < first + count; ++r) {
         float* dst = RowDest{outer_grad, &outer_packed, outer_len, d, 0, true}.row(r);
-        for (int64_t ch = 0; ch < n_chunks; ++ch)
-          max_pool::axpy(dst, 1.f, partials.get() + (ch * partial_rows + r - first) * d, d);
+        for (int64_t ch = 1; ch < n_chunks; ++ch)
+          max_pool::axpy(dst, 1.f, partials.get() + ((ch - 1) * partial_rows + r - first) * d, d);
       }
       // Implicit barrier: partials may be cleared for the next step.
     }
@@ -522,21 +673,21 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
 
 }  // namespace
 
-void max_align_forward(const Problem& p, float* out) {
+void max_align_forward(const Problem& p, float* out, int32_t* winners) {
   check(p);
   if (p.direction == kI2T)
-    forward(as_t2i(p), true, out);
+    forward(as_t2i(p), true, out, winners);
   else
-    forward(p, false, out);
+    forward(p, false, out, winners);
 }
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
-                        float* grad_texts) {
+                        float* grad_texts, const int32_t* winners) {
   check(p);
   if (p.direction == kI2T)
-    backward(as_t2i(p), true, grad_out, grad_texts, grad_images);
+    backward(as_t2i(p), true, grad_out, grad_texts, grad_images, winners);
   else
-    backward(p, false, grad_out, grad_images, grad_texts);
+    backward(p, false, grad_out, grad_images, grad_texts, winners);
 }
 
 }  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel

@@ -46,6 +46,7 @@
 #include <vector>
 
 #include "cpu/max_align_gemm.h"
+#include "cpu/max_align_pool.h"
 
 namespace hatkernels::cpu::HATK_CPU_LEVEL::max_screen {
 
@@ -159,9 +160,10 @@ inline float dot(const float* x, const float* y, int64_t d) {
 
 // Per-thread buffers of a screened tile.
 struct Scratch {
-  std::vector<int32_t> c;    // int32 similarities [rows, cols]
-  std::vector<int32_t> win;  // cols: every word's winning row within the image
-  std::vector<int32_t> thr;  // cols: every word's threshold on D
+  std::vector<int32_t> c;      // int32 similarities [rows, cols]
+  std::vector<int32_t> win;    // cols: every word's winning row within the image, or kTied
+  std::vector<int32_t> thr;    // cols: every word's threshold on D
+  std::vector<int32_t> first;  // cols: every word's first row with the largest D
 };
 
 // One image of a screened tile: its int32 similarities ci [m, cols] (leading dimension ldc),
@@ -172,13 +174,14 @@ struct Image {
 };
 
 // Screens one image against the tile's words: writes every word's float32 maximum to q and
-// its winning row (within the image) to win, and returns the number of extra candidates
+// its winning row (within the image) to win (max_pool::kTied when candidates tie exactly), and
+// returns the number of extra candidates
 // (tokens recomputed besides each word's best by D). The passes run row by row, so the int32
 // similarities are read in order; per-word state (thr: cols int32) stays in L1.
 inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Codes& qv,
                             const Codes& qt, const max_gemm::Rows& v_rows,
                             const max_gemm::Rows& t_rows, float* q, int32_t* win,
-                            int32_t* thr) {
+                            int32_t* thr, int32_t* first) {
   const int64_t d = v_rows.d;
   float rbar = 0.f, nbar = 0.f;
   for (int64_t r = im.r0; r < im.r0 + im.m; ++r) {
@@ -188,10 +191,10 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
   const auto lanes = [&](int64_t w) {
     return static_cast<__mmask16>(cols - w >= 16 ? 0xffffu : (1u << (cols - w)) - 1u);
   };
-  // Pass 1: every word's largest D (in thr for now) and its first row (in win).
+  // Pass 1: every word's largest D (in thr for now) and its first row r*.
   for (int64_t w = 0; w < cols; w += 16) {
     _mm512_mask_storeu_epi32(thr + w, lanes(w), _mm512_maskz_loadu_epi32(lanes(w), im.ci + w));
-    _mm512_mask_storeu_epi32(win + w, lanes(w), _mm512_setzero_si512());
+    _mm512_mask_storeu_epi32(first + w, lanes(w), _mm512_setzero_si512());
   }
   for (int64_t r = 1; r < im.m; ++r) {
     const int32_t* cr = im.ci + r * im.ldc;
@@ -202,12 +205,14 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
       const __m512i top = _mm512_maskz_loadu_epi32(m16, thr + w);
       const __mmask16 gt = _mm512_mask_cmpgt_epi32_mask(m16, x, top);
       _mm512_mask_storeu_epi32(thr + w, gt, x);
-      _mm512_mask_storeu_epi32(win + w, gt, row);
+      _mm512_mask_storeu_epi32(first + w, gt, row);
     }
   }
   // The best rows' float32 values, then every word's threshold on D.
-  for (int64_t w = 0; w < cols; ++w)
-    q[w] = dot(v_rows.row(im.r0 + win[w]), t_rows.row(w0 + w), d);
+  for (int64_t w = 0; w < cols; ++w) {
+    q[w] = dot(v_rows.row(im.r0 + first[w]), t_rows.row(w0 + w), d);
+    win[w] = first[w];
+  }
   const __m512d scale_v = _mm512_set1_pd(qv.scale[im.r0]);
   const __m512d r_v = _mm512_set1_pd(rbar), n_v = _mm512_set1_pd(nbar);
   for (int64_t w = 0; w < cols; w += 8) {
@@ -240,7 +245,7 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
       const __mmask16 m16 = lanes(w);
       const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
       uint32_t hits = _mm512_mask_cmpge_epi32_mask(m16, x, _mm512_maskz_loadu_epi32(m16, thr + w)) &
-                      ~_mm512_cmpeq_epi32_mask(_mm512_maskz_loadu_epi32(m16, win + w), row);
+                      ~_mm512_cmpeq_epi32_mask(_mm512_maskz_loadu_epi32(m16, first + w), row);
       while (hits) {
         const int64_t l = w + __builtin_ctz(hits);
         hits &= hits - 1;
@@ -249,6 +254,8 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
         if (v > q[l]) {
           q[l] = v;
           win[l] = static_cast<int32_t>(r);
+        } else if (v == q[l]) {
+          win[l] = max_pool::kTied;
         }
       }
     }

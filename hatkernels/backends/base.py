@@ -5,6 +5,9 @@ Every kernel method takes one ``AlignInputs`` (``hatkernels.inputs``: the contra
 once by ``hatkernels.api``). Forward methods return ``[Bi, Bt]`` float32 scores (float64 for
 float64 inputs); backward methods take ``grad`` ``[Bi, Bt]`` (the output's dtype) and return
 ``(grad_images, grad_texts)`` with the inputs' shapes and dtype, exactly zero on padding.
+``align`` and ``align_backward`` are what the custom ops call: by default the pooling's kernel
+methods, with nothing kept between forward and backward; a backend may keep an int32 tensor
+from its forward for its backward (the cpu backend's max pooling winners).
 A backend never hands a call to another backend: what it cannot serve, it reports in
 ``not_supported_reasons`` and ``hatkernels.dispatch`` picks another one.
 """
@@ -76,6 +79,18 @@ class Backend:
         return self.environment_reasons(inp.device, inp.dtype, (inp.dim,)) + self.shape_reasons(
             inp
         )
+
+    def align(self, inp: AlignInputs) -> tuple[Tensor, Tensor]:
+        """Scores of ``inp`` and what its backward may reuse: an int32 tensor that the custom op
+        keeps for ``align_backward`` (empty here: the backward recomputes what it needs)."""
+        scores = getattr(self, f"{inp.pooling}_align")(inp)
+        return scores, torch.empty(0, dtype=torch.int32, device=inp.device)
+
+    def align_backward(
+        self, grad: Tensor, inp: AlignInputs, saved: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Gradients of ``sum(grad * scores)``, given what ``align`` kept for the same inputs."""
+        return getattr(self, f"{inp.pooling}_align_backward")(grad, inp)
 
     def max_align(self, inp: AlignInputs) -> Tensor:
         raise NotImplementedError

@@ -12,11 +12,15 @@ from .scan_align import scan_align
 
 
 def align(inp: AlignInputs, backend: str) -> Tensor:
-    """``[Bi, Bt]`` scores of one level, differentiable, computed by ``backend``."""
+    """``[Bi, Bt]`` scores of one level, differentiable, computed by ``backend`` (the op's
+    second output, what the backend keeps for the backward, stays with autograd)."""
     if inp.pooling == "max":
-        return max_align(*inp.tensors, inp.direction, inp.reduce, backend, inp.memory_budget)
-    return scan_align(*inp.tensors, inp.direction, inp.reduce, float(inp.lambda_softmax),
-                      backend, inp.memory_budget)  # fmt: skip
+        scores, _ = max_align(*inp.tensors, inp.direction, inp.reduce, backend,
+                              inp.memory_budget, inp.needs_grad)  # fmt: skip
+        return scores
+    scores, _ = scan_align(*inp.tensors, inp.direction, inp.reduce, float(inp.lambda_softmax),
+                           backend, inp.memory_budget, inp.needs_grad)  # fmt: skip
+    return scores
 
 
 __all__ = ["align", "max_align", "scan_align"]

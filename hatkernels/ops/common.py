@@ -5,8 +5,11 @@ registration (fake implementations for shapes, autograd through the backward op)
 
 Both ops are declared by ``define_align_ops`` from one typed parameter list (the arguments
 every op shares, the pooling's own settings between ``reduce`` and ``backend``), from which
-``torch.library.custom_op`` infers the forward's schema; the backward op takes ``grad`` first,
-then the same arguments.
+``torch.library.custom_op`` infers the forward's schema; the backward op takes ``grad`` and
+``saved`` first, then the same arguments. The forward returns ``(scores, saved)``: ``saved``
+is an int32 tensor that the backend chose to keep for its backward (``Backend.align``; the
+cpu backend's max pooling winners when ``needs_grad``), empty for every other call; autograd
+keeps it and hands it to the backward op.
 
 Non-finite tokens: a NaN or Inf in a valid token makes exactly the scores of the pairs that
 contain its item NaN, and, in the backward, the gradients of the valid tokens of both items of
@@ -83,25 +86,31 @@ def _finite(inp: AlignInputs) -> tuple[AlignInputs, Tensor | None, Tensor | None
     return replace(inp, images=images, texts=texts), items_v, items_t
 
 
-def forward(inp: AlignInputs, backend: str) -> Tensor:
-    """``[Bi, Bt]`` scores of one level from ``backend``, lengths checked, NaN rule applied."""
+def forward(inp: AlignInputs, backend: str) -> tuple[Tensor, Tensor]:
+    """``[Bi, Bt]`` scores of one level from ``backend``, lengths checked, NaN rule applied,
+    and what the backend keeps for the backward (computed from the same zeroed tokens that
+    the backward's kernels see)."""
     check_lengths(inp.image_lengths, inp.image_tokens, "image_lengths")
     check_lengths(inp.text_lengths, inp.text_tokens, "text_lengths")
     if inp.empty:
-        return fake_scores(inp.images, inp.texts).zero_()
+        nothing = torch.empty(0, dtype=torch.int32, device=inp.device)
+        return fake_scores(inp.images, inp.texts).zero_(), nothing
     clean, bad_v, bad_t = _finite(inp)
-    out = getattr(get_backend(backend), f"{inp.pooling}_align")(clean)
+    out, saved = get_backend(backend).align(clean)
     if bad_v is None:
-        return out
-    return out.masked_fill(bad_v[:, None] | bad_t[None, :], float("nan"))
+        return out, saved
+    return out.masked_fill(bad_v[:, None] | bad_t[None, :], float("nan")), saved
 
 
-def backward(grad: Tensor, inp: AlignInputs, backend: str) -> tuple[Tensor, Tensor]:
-    """Gradients of ``sum(grad * scores)`` w.r.t. images and texts, NaN rule applied."""
+def backward(
+    grad: Tensor, saved: Tensor, inp: AlignInputs, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(grad * scores)`` w.r.t. images and texts, NaN rule applied
+    (``saved``: what the forward kept)."""
     if inp.empty:
         return torch.zeros_like(inp.images), torch.zeros_like(inp.texts)
     clean, bad_v, bad_t = _finite(inp)
-    gi, gt = getattr(get_backend(backend), f"{inp.pooling}_align_backward")(grad, clean)
+    gi, gt = get_backend(backend).align_backward(grad, clean, saved)
     if bad_v is None:
         return gi, gt
     hit = (bad_v[:, None] | bad_t[None, :]) & (grad != 0)
@@ -115,29 +124,45 @@ def _nan_rows(g: Tensor, lengths: Tensor, items: Tensor) -> Tensor:
 
 
 def fake_scores(images: Tensor, texts: Tensor, *settings) -> Tensor:
-    """The forward's output for shapes only (also the empty result of an empty batch)."""
+    """The forward's scores for shapes only (also the empty result of an empty batch)."""
     return images.new_empty((images.shape[0], texts.shape[0]), dtype=output_dtype(images.dtype))
 
 
-def fake_grads(grad: Tensor, images: Tensor, texts: Tensor, *settings) -> tuple[Tensor, Tensor]:
+def fake_outputs(images: Tensor, texts: Tensor, *settings) -> tuple[Tensor, Tensor]:
+    """The forward's outputs for shapes only: the scores, and ``saved``, whose size only the
+    backend knows once it has seen the lengths (a data-dependent size under torch.compile)."""
+    size = torch.library.get_ctx().new_dynamic_size()
+    return fake_scores(images, texts), images.new_empty((size,), dtype=torch.int32)
+
+
+def fake_grads(
+    grad: Tensor, saved: Tensor, images: Tensor, texts: Tensor, *settings
+) -> tuple[Tensor, Tensor]:
     """The backward's outputs for shapes only."""
     return torch.empty_like(images), torch.empty_like(texts)
 
 
 def register_autograd(op: CustomOpDef, backward_op: CustomOpDef) -> None:
     """Autograd of ``op`` (arguments: images, texts, image_lengths, text_lengths, then its
-    settings) through ``backward_op`` (``grad`` first, then the same arguments)."""
+    settings; outputs: scores and ``saved``) through ``backward_op`` (``grad`` and ``saved``
+    first, then the same arguments)."""
 
     def setup_context(ctx, inputs, output):
         images, texts, image_lengths, text_lengths, *settings = inputs
-        ctx.save_for_backward(images, texts, image_lengths, text_lengths)
+        ctx.save_for_backward(output[1], images, texts, image_lengths, text_lengths)
         ctx.settings = settings
+        # No zero-filled stand-in for ``saved``'s gradient (it has none; the copy would cost
+        # as much as ``saved``), so an undefined gradient arrives as None.
+        ctx.set_materialize_grads(False)
 
-    def backward_fn(ctx, grad):
+    def backward_fn(ctx, grad, grad_saved):
+        nothing = (None,) * (2 + len(ctx.settings))
+        if grad is None:
+            return (None, None) + nothing
         gi, gt = backward_op(grad.contiguous(), *ctx.saved_tensors, *ctx.settings)
-        return (gi, gt) + (None,) * (2 + len(ctx.settings))
+        return (gi, gt) + nothing
 
-    op.register_fake(fake_scores)
+    op.register_fake(fake_outputs)
     backward_op.register_fake(fake_grads)
     op.register_autograd(backward_fn, setup_context=setup_context)
 
@@ -146,7 +171,7 @@ _ARGUMENT = inspect.Parameter.POSITIONAL_OR_KEYWORD
 # The typed arguments of every alignment op, in order; a pooling's own settings go in between.
 _LEADING = {"images": Tensor, "texts": Tensor, "image_lengths": Tensor, "text_lengths": Tensor,
             "direction": str, "reduce": str}  # fmt: skip
-_TRAILING = {"backend": str, "memory_budget": int}
+_TRAILING = {"backend": str, "memory_budget": int, "needs_grad": bool}
 
 
 def define_align_ops(pooling: str, **settings: type) -> tuple[CustomOpDef, CustomOpDef]:
@@ -154,31 +179,41 @@ def define_align_ops(pooling: str, **settings: type) -> tuple[CustomOpDef, Custo
 
     The forward's typed parameters are ``images, texts, image_lengths, text_lengths,
     direction, reduce``, then ``settings`` (the pooling's own, by name and type, each an
-    ``AlignInputs`` field; one a pooling lacks takes 0.0), then ``backend, memory_budget``;
-    ``torch.library.custom_op`` infers the schema from them. The backward takes
-    ``grad: Tensor`` first, then the same arguments, and returns both gradients. Declaring the
-    argument list once keeps the two ops of a pooling, and the two poolings, in step."""
+    ``AlignInputs`` field; one a pooling lacks takes 0.0), then ``backend, memory_budget,
+    needs_grad`` (default False: whether the backward will run, so the backend may keep
+    something for it); ``torch.library.custom_op`` infers the schema from them. The forward
+    returns ``(scores, saved)``; the backward takes ``grad: Tensor, saved: Tensor`` first,
+    then the same arguments, and returns both gradients. Declaring the argument list once
+    keeps the two ops of a pooling, and the two poolings, in step."""
     types = {**_LEADING, **settings, **_TRAILING}
-    params = [inspect.Parameter(name, _ARGUMENT, annotation=t) for name, t in types.items()]
+    params = [
+        inspect.Parameter(name, _ARGUMENT, annotation=t, default=False)
+        if name == "needs_grad"
+        else inspect.Parameter(name, _ARGUMENT, annotation=t)
+        for name, t in types.items()
+    ]
     signature = inspect.Signature(params)
 
     def inputs(args: tuple) -> tuple[AlignInputs, str]:
-        a = signature.bind(*args).arguments
+        bound = signature.bind(*args)
+        bound.apply_defaults()
+        a = bound.arguments
         inp = AlignInputs(a["images"], a["texts"], a["image_lengths"], a["text_lengths"],
                           pooling, a["direction"], a["reduce"], a.get("lambda_softmax", 0.0),
-                          a["memory_budget"])  # fmt: skip
+                          a["memory_budget"], a["needs_grad"])  # fmt: skip
         return inp, a["backend"]
 
     def forward_op(*args):
         return forward(*inputs(args))
 
-    def backward_op(grad, *args):
-        return backward(grad, *inputs(args))
+    def backward_op(grad, saved, *args):
+        return backward(grad, saved, *inputs(args))
 
-    forward_op.__signature__ = signature.replace(return_annotation=Tensor)
-    grad = inspect.Parameter("grad", _ARGUMENT, annotation=Tensor)
+    forward_op.__signature__ = signature.replace(return_annotation=tuple[Tensor, Tensor])
+    grad, saved = (inspect.Parameter(name, _ARGUMENT, annotation=Tensor)
+                   for name in ("grad", "saved"))  # fmt: skip
     backward_op.__signature__ = inspect.Signature(
-        [grad, *params], return_annotation=tuple[Tensor, Tensor]
+        [grad, saved, *params], return_annotation=tuple[Tensor, Tensor]
     )
     op = torch.library.custom_op(f"hatkernels::{pooling}_align", forward_op, mutates_args=())
     grad_op = torch.library.custom_op(

@@ -1,6 +1,7 @@
 """Max pooling (TERAN's MrSw, ColBERT's MaxSim) as the custom op
 ``hatkernels::max_align(images, texts, image_lengths, text_lengths, direction, reduce, backend,
-memory_budget) -> [Bi, Bt]`` (max pooling has no settings of its own), with autograd through
+memory_budget, needs_grad=False) -> ([Bi, Bt], saved)`` (max pooling has no settings of its
+own; ``saved``: the cpu backend's winners, see ``common.py``), with autograd through
 ``hatkernels::max_align_backward``. Kernels: ``csrc/cpu``, ``csrc/cuda/max_align.cu``,
 ``hatkernels/triton/max_align.py`` and the torch backend."""
 
