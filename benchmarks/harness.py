@@ -94,12 +94,13 @@ def backend_candidates(dim: int, full: bool) -> tuple[list[str], dict[str, str]]
 
 
 def contender_names(case: Case, mode: str, backends: list[str], only: list[str] | None):
-    """The backends, ``cpu-fp32`` after ``cpu`` (max forward: the cpu backend without its
-    int8 screening) and the naive way; only those in ``only`` when given."""
+    """The backends, ``cpu-fp32`` after ``cpu`` (max pooling: the cpu backend without its
+    int8 screening, forward and forward+backward) and the naive way; only those in ``only``
+    when given."""
     names = []
     for name in backends:
         names.append(name)
-        if name == "cpu" and case.pooling == "max" and mode == "fwd":
+        if name == "cpu" and case.pooling == "max":
             names.append("cpu-fp32")
     names.append("naive")
     return [n for n in names if only is None or n in only]
