@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/max_align_gemm.h"
 #include "cpu/scan_align_pair.h"
 
 namespace hatkernels::cpu::HATK_CPU_LEVEL::scan_kernel {
@@ -172,6 +173,13 @@ int64_t max_block_tokens(const Side& s, const std::vector<int64_t>& blocks) {
   return most;
 }
 
+// Row r of a side's packed tokens, for the panel packing of max_align_gemm.h.
+struct PackedRows {
+  const float* base;
+  int64_t ld, d;
+  const float* row(int64_t r) const { return base + r * ld; }
+};
+
 // Everything one call shares: packed sides, blocks, tile counts.
 struct Plan {
   const Problem& prob;
@@ -179,6 +187,12 @@ struct Plan {
   std::vector<int64_t> img_blocks, txt_blocks;
   int64_t rows_max = 0, words_max = 0, n_img_blocks = 0, n_tiles = 0;
   bool t2i, i2t;
+#if HATK_CPU_AVX512
+  // The similarity GEMM's operands (max_align_gemm.h): the image tokens in 12-row blocks,
+  // each caption block's words in 32-word strips (caption block b's at strip_start[b]).
+  Buffer img_panel, txt_strips;
+  std::vector<int64_t> strip_start;
+#endif
 
   explicit Plan(const Problem& p)
       : prob(p),
@@ -199,7 +213,35 @@ struct Plan {
     words_max = max_block_tokens(txt, txt_blocks);
     n_img_blocks = static_cast<int64_t>(img_blocks.size()) - 1;
     n_tiles = n_img_blocks * (static_cast<int64_t>(txt_blocks.size()) - 1);
+#if HATK_CPU_AVX512
+    pack_panels();
+#endif
   }
+
+#if HATK_CPU_AVX512
+  void pack_panels() {
+    const int64_t d = prob.d, n_txt_blocks = n_tiles / n_img_blocks;
+    strip_start.assign(n_txt_blocks + 1, 0);
+    for (int64_t b = 0; b < n_txt_blocks; ++b) {
+      const int64_t words = txt.off[txt_blocks[b + 1]] - txt.off[txt_blocks[b]];
+      strip_start[b + 1] = strip_start[b] + (words + max_gemm::kNR - 1) / max_gemm::kNR * max_gemm::kNR * d;
+    }
+    img_panel = Buffer(img.total * d);
+    txt_strips = Buffer(strip_start[n_txt_blocks]);
+    const PackedRows vi{img.tokens.get(), img.dp, d}, ti{txt.tokens.get(), txt.dp, d};
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_img_blocks + n_txt_blocks; ++k) {
+      if (k < n_img_blocks) {
+        const int64_t r0 = img.off[img_blocks[k]];
+        max_gemm::pack_row_blocks(vi, r0, img.off[img_blocks[k + 1]] - r0, img_panel.get());
+      } else {
+        const int64_t b = k - n_img_blocks, w0 = txt.off[txt_blocks[b]];
+        max_gemm::pack_col_strips(ti, w0, txt.off[txt_blocks[b + 1]] - w0,
+                                  txt_strips.get() + strip_start[b]);
+      }
+    }
+  }
+#endif
 };
 
 // Per-thread buffers: the tile's similarities, the pair scratch and (backward) gradients.
@@ -233,15 +275,16 @@ struct Workspace {
   }
 };
 
-// One tile: images [i0, i1) x captions [j0, j1); rows/cols offsets of the packed tokens.
+// One tile: image block ib, images [i0, i1) x caption block jb, captions [j0, j1); rows/cols
+// offsets of the packed tokens.
 struct Tile {
-  int64_t i0, i1, j0, j1, r0, rows, w0, words;
+  int64_t ib, jb, i0, i1, j0, j1, r0, rows, w0, words;
 };
 
 Tile tile_of(const Plan& pl, int64_t t) {
   const int64_t ib = t % pl.n_img_blocks, jb = t / pl.n_img_blocks;
-  Tile tile{pl.img_blocks[ib], pl.img_blocks[ib + 1], pl.txt_blocks[jb], pl.txt_blocks[jb + 1],
-            0, 0, 0, 0};
+  Tile tile{ib, jb, pl.img_blocks[ib], pl.img_blocks[ib + 1], pl.txt_blocks[jb],
+            pl.txt_blocks[jb + 1], 0, 0, 0, 0};
   tile.r0 = pl.img.off[tile.i0];
   tile.rows = pl.img.off[tile.i1] - tile.r0;
   tile.w0 = pl.txt.off[tile.j0];
@@ -251,9 +294,15 @@ Tile tile_of(const Plan& pl, int64_t t) {
 
 // The tile's similarities S[rows, words] = V_tile T_tile^T.
 void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
+#if HATK_CPU_AVX512
+  max_gemm::panel_gemm(pl.img_panel.get() + tile.r0 * pl.prob.d, tile.rows,
+                       pl.txt_strips.get() + pl.strip_start[tile.jb], tile.words, pl.prob.d, sim,
+                       tile.words);
+#else
   const int64_t dp = pl.img.dp;
   gemm_nt(tile.rows, tile.words, pl.prob.d, pl.img.tokens.get() + tile.r0 * dp, dp,
           pl.txt.tokens.get() + tile.w0 * dp, dp, sim, tile.words);
+#endif
 }
 
 // Copy a pair's block [m, n] of the tile's similarities into dst, padded to [m, pad(n)] (i2t)
@@ -493,15 +542,14 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
     const Workspace& w = ws[omp_get_thread_num()];
     const PairScratch scratch = w.scratch();
     for (int64_t k = next_tile++; k < pl.n_tiles; k = next_tile++) {
-      const int64_t t = order[k], ib = t % pl.n_img_blocks, jb = t / pl.n_img_blocks;
-      const Tile tile = tile_of(pl, t);
+      const Tile tile = tile_of(pl, order[k]);
       tile_gradients(pl, tile, lambda_softmax, grad_out, w, scratch);
-      img_turns.wait(ib, static_cast<int>(jb));
+      img_turns.wait(tile.ib, static_cast<int>(tile.jb));
       add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images);
-      img_turns.pass(ib);
-      txt_turns.wait(jb, static_cast<int>(ib));
+      img_turns.pass(tile.ib);
+      txt_turns.wait(tile.jb, static_cast<int>(tile.ib));
       add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts);
-      txt_turns.pass(jb);
+      txt_turns.pass(tile.jb);
     }
   }
 }
