@@ -247,7 +247,7 @@ struct Plan {
 // Per-thread buffers: the tile's similarities, the pair scratch and (backward) gradients.
 struct Workspace {
   int64_t qp_max, width_max;
-  Buffer sim, local, alpha, y, work, col, row;
+  Buffer sim, local, alpha, y, work, col, row, lanes;
   Buffer dsim, dimg, dtxt, kimg, ktxt, dgram;
 
   Workspace(const Plan& pl, bool backward) {
@@ -259,8 +259,9 @@ struct Workspace {
     alpha = Buffer(p_max * qp_max);
     y = Buffer(p_max * width_max);
     work = Buffer(p_max * qp_max);
-    col = Buffer(4 * qp_max);
-    row = Buffer(4 * p_max);
+    col = Buffer(3 * qp_max);
+    row = Buffer(5 * p_max);
+    lanes = Buffer(pad_lanes(p_max) * kLanes);
     if (backward) {
       dsim = Buffer(pl.rows_max * pl.words_max);
       dimg = Buffer(pl.rows_max * pl.img.dp);
@@ -271,7 +272,7 @@ struct Workspace {
     }
   }
   PairScratch scratch() const {
-    return {alpha.get(), y.get(), work.get(), col.get(), row.get()};
+    return {alpha.get(), y.get(), work.get(), col.get(), row.get(), lanes.get()};
   }
 };
 

@@ -71,6 +71,46 @@ inline float hmax(V16 v) {
 
 inline V16 vmax(V16 a, V16 b) { return a > b ? a : b; }
 
+// The horizontal sums of 16 vectors at once: lane i of the result is the sum of v[i]'s lanes.
+// A transposing tree (8 + 4 + 2 + 1 shuffle-and-add steps instead of 16 separate hsums);
+// every step pairs a vector's lanes with each other only, so each lane is the sum of its own
+// vector in a fixed order, whatever the other vectors hold.
+inline V16 hsum16(const V16* v) {
+  V16 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)
+    a[i] = __builtin_shufflevector(v[2 * i], v[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18,
+                                   19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[2 * i], v[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25,
+                                   26, 27, 28, 29, 30, 31);
+  for (int i = 0; i < 4; ++i)
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18,
+                                   19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21,
+                                   22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20,
+                                   21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19,
+                                   22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26,
+                                 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27,
+                                 29, 31);
+}
+
+// out[r] = the sum of the 16 lanes of vecs[r] (vecs: [n] vectors), 16 rows at a time. vecs
+// is read in whole groups of 16 (it holds pad_lanes(n) vectors; the ones past n only reach
+// their own lanes, which are not stored).
+inline void row_sums(const float* vecs, int64_t n, float* out) {
+  for (int64_t r0 = 0; r0 < n; r0 += 16) {
+    V16 v[16];
+    for (int i = 0; i < 16; ++i) v[i] = load(vecs + (r0 + i) * 16);
+    float sums[16];
+    store(sums, hsum16(v));
+    std::memcpy(out + r0, sums, static_cast<size_t>(n - r0 < 16 ? n - r0 : 16) * 4);
+  }
+}
+
 // LeakyReLU with slope 0.1 and its derivative (x > 0: 1, else 0.1, as torch's backward).
 inline V16 leaky(V16 x) { return x > 0.f ? x : x * 0.1f; }
 inline V16 leaky_slope(V16 x) { return x > 0.f ? splat(1.f) : splat(0.1f); }
