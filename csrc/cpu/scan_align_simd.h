@@ -163,27 +163,39 @@ inline void micro(const float* a, int64_t a_i, int64_t a_k, const float* scale, 
   }
 }
 
-// The same over `rows` rows and `width` (a multiple of 16) columns, in 4 x 32 blocks.
+// The same for one strip of NV vectors of columns, over `rows` rows: blocks of 8 rows (NV <= 2)
+// or 4, then single rows.
+template <int NV, bool Scale>
+inline void strip_gemm(int64_t rows, const float* a, int64_t a_i, int64_t a_k,
+                       const float* scale, int64_t kn, const float* b, int64_t ldb, float* c,
+                       int64_t ldc, bool accumulate) {
+  int64_t i = 0;
+  if constexpr (NV <= 2) {
+    for (; i + 8 <= rows; i += 8)
+      micro<8, NV, Scale>(a + i * a_i, a_i, a_k, scale, kn, b, ldb, c + i * ldc, ldc, accumulate);
+  }
+  for (; i + 4 <= rows; i += 4)
+    micro<4, NV, Scale>(a + i * a_i, a_i, a_k, scale, kn, b, ldb, c + i * ldc, ldc, accumulate);
+  for (; i < rows; ++i)
+    micro<1, NV, Scale>(a + i * a_i, a_i, a_k, scale, kn, b, ldb, c + i * ldc, ldc, accumulate);
+}
+
+// The same over `rows` rows and `width` (a multiple of 16) columns, in strips of up to 4
+// vectors (64 columns).
 template <bool Scale>
 inline void small_gemm(int64_t rows, int64_t width, const float* a, int64_t a_i, int64_t a_k,
                        const float* scale, int64_t kn, const float* b, int64_t ldb, float* c,
                        int64_t ldc, bool accumulate) {
-  int64_t i = 0;
-  for (; i + 4 <= rows; i += 4) {
-    const float* ai = a + i * a_i;
-    float* ci = c + i * ldc;
-    int64_t v = 0;
-    for (; v + 2 * kLanes <= width; v += 2 * kLanes)
-      micro<4, 2, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
-    if (v < width) micro<4, 1, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
-  }
-  for (; i < rows; ++i) {
-    const float* ai = a + i * a_i;
-    float* ci = c + i * ldc;
-    int64_t v = 0;
-    for (; v + 2 * kLanes <= width; v += 2 * kLanes)
-      micro<1, 2, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
-    if (v < width) micro<1, 1, Scale>(ai, a_i, a_k, scale, kn, b + v, ldb, ci + v, ldc, accumulate);
+  for (int64_t v = 0; v < width; v += 4 * kLanes) {
+    const int64_t nv = (width - v) / kLanes;
+    if (nv >= 4)
+      strip_gemm<4, Scale>(rows, a, a_i, a_k, scale, kn, b + v, ldb, c + v, ldc, accumulate);
+    else if (nv == 3)
+      strip_gemm<3, Scale>(rows, a, a_i, a_k, scale, kn, b + v, ldb, c + v, ldc, accumulate);
+    else if (nv == 2)
+      strip_gemm<2, Scale>(rows, a, a_i, a_k, scale, kn, b + v, ldb, c + v, ldc, accumulate);
+    else
+      strip_gemm<1, Scale>(rows, a, a_i, a_k, scale, kn, b + v, ldb, c + v, ldc, accumulate);
   }
 }
 
