@@ -12,8 +12,10 @@
 // Layout: P is [p, qp] row-major with qp = q rounded up to 16 and zeros in the padded
 // columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h).
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cpu/scan_align_simd.h"
@@ -65,7 +67,8 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
     }
     store(sumsq + c, acc);
   }
-  for (int64_t c = 0; c < qp; ++c) inv[c] = lam / (std::sqrt(sumsq[c]) + kEps);
+  for (int64_t c = 0; c < qp; c += kLanes)
+    store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
   const float neg_inf = -std::numeric_limits<float>::infinity();
   const float abs_lam = std::fabs(lam);
   const bool fixed_shift = abs_lam <= kFixedShift;
@@ -120,18 +123,25 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
   row_sums(s.lanes, p, c2);
 }
 
-inline float cosine_denominator(float xn, float c2) {
-  const float prod = xn * std::sqrt(c2 > 0.f ? c2 : 0.f);
-  return prod > kEps ? prod : kEps;
-}
-
-// Sum over the rows of q_r (the pair's unreduced score in this direction).
+// Sum over the rows of q_r = num_r / max(|x_r| |c_r|, eps) (the pair's unreduced score in
+// this direction), 16 rows at a time.
 inline float pair_forward(const float* P, int64_t p, int64_t q, int64_t qp, const float* xnorm,
                           const Attended& att, float lam, const PairScratch& s) {
   pair_attention(P, p, q, qp, att, lam, s);
-  float total = 0.f;
-  for (int64_t r = 0; r < p; ++r) total += s.row[r] / cosine_denominator(xnorm[r], s.row[p + r]);
-  return total;
+  const float* num = s.row;
+  const float* c2 = s.row + p;
+  V16 total{};
+  for (int64_t r0 = 0; r0 < p; r0 += kLanes) {
+    const size_t bytes = static_cast<size_t>(std::min(kLanes, p - r0)) * 4;
+    float nm[kLanes] = {}, cc[kLanes] = {}, xn[kLanes] = {};  // zeros past p: q = 0 there
+    std::memcpy(nm, num + r0, bytes);
+    std::memcpy(cc, c2 + r0, bytes);
+    std::memcpy(xn, xnorm + r0, bytes);
+    const V16 c = load(cc);
+    const V16 prod = load(xn) * vsqrt(c > 0.f ? c : splat(0.f));
+    total += load(nm) / (prod > kEps ? prod : splat(kEps));
+  }
+  return hsum(total);
 }
 
 // Backward of gq * sum_r q_r. Writes dP [p, qp] (over P's buffer: P is read first), adds

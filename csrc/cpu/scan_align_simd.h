@@ -2,6 +2,7 @@
 // ymm registers at AVX2, four xmm registers at the x86-64 baseline), an exp accurate to ~1 ulp,
 // and a register-blocked small matrix product for the scan pooling loops (scan_align_pair.h).
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -111,20 +112,34 @@ inline void row_sums(const float* vecs, int64_t n, float* out) {
   }
 }
 
+// Square roots, correctly rounded (as std::sqrt).
+inline V16 vsqrt(V16 x) {
+#if HATK_CPU_AVX512
+  return _mm512_sqrt_ps(x);
+#elif HATK_CPU_AVX2
+  const __m256 lo = _mm256_sqrt_ps(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7));
+  const __m256 hi = _mm256_sqrt_ps(__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  for (int i = 0; i < 16; ++i) x[i] = std::sqrt(x[i]);
+  return x;
+#endif
+}
+
 // LeakyReLU with slope 0.1 and its derivative (x > 0: 1, else 0.1, as torch's backward).
 inline V16 leaky(V16 x) { return x > 0.f ? x : x * 0.1f; }
 inline V16 leaky_slope(V16 x) { return x > 0.f ? splat(1.f) : splat(0.1f); }
 
-// exp(x) within ~1 ulp (Cephes expf: n = round(x / ln 2) read from the mantissa of
-// x / ln 2 + 1.5 * 2^23, Cody-Waite reduction, degree-6 polynomial, 2^n from exponent bits);
-// exactly 0 below -87.3, where expf is subnormal (so exp(-inf) = 0).
+// exp(x) within ~1 ulp for x <= 88 (the softmax's arguments are <= 0) (Cephes expf: n =
+// round(x / ln 2) read from the mantissa of x / ln 2 + 1.5 * 2^23, Cody-Waite reduction,
+// degree-6 polynomial, 2^n from exponent bits); exactly 0 below -87.3, where expf is
+// subnormal (so exp(-inf) = 0: the lanes below -87.3 are replaced at the end, whatever the
+// steps before made of them).
 inline V16 exp16(V16 x) {
-  const V16 low = splat(-87.3f), high = splat(88.3f), shift = splat(12582912.f);
-  V16 xc = x < low ? low : x;
-  xc = xc > high ? high : xc;
-  const V16 t = fmadd(xc, splat(1.44269504088896341f), shift);
+  const V16 low = splat(-87.3f), shift = splat(12582912.f);
+  const V16 t = fmadd(x, splat(1.44269504088896341f), shift);
   const V16 n = t - shift;
-  V16 r = fmadd(n, splat(-0.693359375f), xc);
+  V16 r = fmadd(n, splat(-0.693359375f), x);
   r = fmadd(n, splat(2.12194440e-4f), r);
   V16 y = splat(1.9875691500e-4f);
   y = fmadd(y, r, splat(1.3981999507e-3f));
