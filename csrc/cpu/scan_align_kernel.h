@@ -40,7 +40,12 @@ namespace hatkernels::cpu::HATK_CPU_LEVEL::scan_kernel {
 namespace {
 
 using scan::Attended;
+using scan::I16;
 using scan::kLanes;
+using scan::load;
+using scan::store;
+using scan::transpose16;
+using scan::V16;
 using scan::pad_lanes;
 using scan::PairScratch;
 
@@ -254,7 +259,7 @@ struct Workspace {
     const int64_t p_max = std::max(pl.img.max_len, pl.txt.max_len);
     qp_max = pad_lanes(p_max);
     width_max = std::max(qp_max, pl.img.dp);
-    sim = Buffer(pl.rows_max * pl.words_max);
+    sim = Buffer(pl.rows_max * pl.words_max + kLanes);
     local = Buffer(p_max * qp_max);
     alpha = Buffer(p_max * qp_max);
     y = Buffer(p_max * width_max);
@@ -263,7 +268,7 @@ struct Workspace {
     row = Buffer(5 * p_max);
     lanes = Buffer(pad_lanes(p_max) * kLanes);
     if (backward) {
-      dsim = Buffer(pl.rows_max * pl.words_max);
+      dsim = Buffer(pl.rows_max * pl.words_max + kLanes);
       dimg = Buffer(pl.rows_max * pl.img.dp);
       dtxt = Buffer(pl.words_max * pl.img.dp);
       kimg = Buffer(pl.rows_max);
@@ -307,7 +312,10 @@ void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
 }
 
 // Copy a pair's block [m, n] of the tile's similarities into dst, padded to [m, pad(n)] (i2t)
-// or transposed into [n, pad(m)] (t2i), zeros in the padding.
+// or transposed into [n, pad(m)] (t2i, in 16 x 16 blocks), zeros in the padding. The
+// transposing copy loads whole vectors of 16 columns, so it may read up to 15 floats past the
+// pair's columns (the tile buffers have kLanes floats of slack); they reach only the rows of
+// dst that are not stored.
 void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpose, float* dst) {
   if (!transpose) {
     const int64_t np = pad_lanes(n);
@@ -317,15 +325,21 @@ void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpo
     }
   } else {
     const int64_t mp = pad_lanes(m);
-    for (int64_t w = 0; w < n; ++w) {
-      float* out = dst + w * mp;
-      for (int64_t r = 0; r < m; ++r) out[r] = sim[r * ld + w];
-      std::memset(out + m, 0, static_cast<size_t>(mp - m) * 4);
+    for (int64_t r0 = 0; r0 < mp; r0 += kLanes) {
+      for (int64_t w0 = 0; w0 < n; w0 += kLanes) {
+        V16 v[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i)
+          v[i] = r0 + i < m ? load(sim + (r0 + i) * ld + w0) : V16{};
+        transpose16(v);
+        for (int64_t w = w0; w < std::min(n, w0 + kLanes); ++w)
+          store(dst + w * mp + r0, v[w - w0]);
+      }
     }
   }
 }
 
-// Add a pair's dP back into the tile's dS block (the inverse of load_block).
+// Add a pair's dP back into the tile's dS block (the inverse of load_block; the transposed
+// one rewrites whole vectors of 16 columns, the pair's own ones changed).
 void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* dsim, int64_t ld) {
   if (!transpose) {
     const int64_t np = pad_lanes(n);
@@ -337,8 +351,21 @@ void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* 
     }
   } else {
     const int64_t mp = pad_lanes(m);
-    for (int64_t w = 0; w < n; ++w) {
-      for (int64_t r = 0; r < m; ++r) dsim[r * ld + w] += src[w * mp + r];
+    I16 lane;
+    for (int i = 0; i < 16; ++i) lane[i] = i;
+    for (int64_t w0 = 0; w0 < n; w0 += kLanes) {
+      const I16 mine = lane < static_cast<int32_t>(n - w0);
+      for (int64_t r0 = 0; r0 < m; r0 += kLanes) {
+        V16 v[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i)
+          v[i] = w0 + i < n ? load(src + (w0 + i) * mp + r0) : V16{};
+        transpose16(v);
+        for (int64_t r = r0; r < std::min(m, r0 + kLanes); ++r) {
+          float* out = dsim + r * ld + w0;
+          const V16 old = load(out);
+          store(out, mine ? old + v[r - r0] : old);
+        }
+      }
     }
   }
 }

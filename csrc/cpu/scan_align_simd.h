@@ -72,6 +72,21 @@ inline float hmax(V16 v) {
 
 inline V16 vmax(V16 a, V16 b) { return a > b ? a : b; }
 
+// The transpose of a 16 x 16 block held as 16 row vectors, in place: four rounds of
+// interleaving vector i with vector i + 8 (a perfect shuffle), 64 two-source shuffles.
+inline void transpose16(V16* v) {
+  for (int round = 0; round < 4; ++round) {
+    V16 out[16];
+    for (int i = 0; i < 8; ++i) {
+      out[2 * i] = __builtin_shufflevector(v[i], v[i + 8], 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5,
+                                           21, 6, 22, 7, 23);
+      out[2 * i + 1] = __builtin_shufflevector(v[i], v[i + 8], 8, 24, 9, 25, 10, 26, 11, 27, 12,
+                                               28, 13, 29, 14, 30, 15, 31);
+    }
+    for (int i = 0; i < 16; ++i) v[i] = out[i];
+  }
+}
+
 // The horizontal sums of 16 vectors at once: lane i of the result is the sum of v[i]'s lanes.
 // A transposing tree (8 + 4 + 2 + 1 shuffle-and-add steps instead of 16 separate hsums);
 // every step pairs a vector's lanes with each other only, so each lane is the sum of its own
