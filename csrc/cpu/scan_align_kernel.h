@@ -338,16 +338,17 @@ void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpo
   }
 }
 
-// Add a pair's dP back into the tile's dS block (the inverse of load_block; the transposed
-// one rewrites whole vectors of 16 columns, the pair's own ones changed).
-void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* dsim, int64_t ld) {
+// Write (add: add) a pair's dP into the tile's dS block (the inverse of load_block; the
+// transposed one rewrites whole vectors of 16 columns, only the pair's own ones changed).
+void store_block(const float* src, int64_t m, int64_t n, bool transpose, bool add, float* dsim,
+                 int64_t ld) {
   if (!transpose) {
     const int64_t np = pad_lanes(n);
     for (int64_t r = 0; r < m; ++r) {
       float* out = dsim + r * ld;
       const float* in = src + r * np;
 #pragma omp simd
-      for (int64_t w = 0; w < n; ++w) out[w] += in[w];
+      for (int64_t w = 0; w < n; ++w) out[w] = add ? out[w] + in[w] : in[w];
     }
   } else {
     const int64_t mp = pad_lanes(m);
@@ -363,7 +364,7 @@ void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* 
         for (int64_t r = r0; r < std::min(m, r0 + kLanes); ++r) {
           float* out = dsim + r * ld + w0;
           const V16 old = load(out);
-          store(out, mine ? old + v[r - r0] : old);
+          store(out, mine ? (add ? old + v[r - r0] : v[r - r0]) : old);
         }
       }
     }
@@ -395,7 +396,6 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
   float* dgram_img = dgram_txt + (pl.i2t ? tile.words * qpm : 0);
   const int64_t dgram_rows = (pl.i2t ? tile.words : 0) + (pl.t2i ? tile.rows : 0);
   tile_similarities(pl, tile, sim);
-  std::memset(dsim, 0, static_cast<size_t>(tile.rows * tile.words) * 4);
   std::memset(dimg, 0, static_cast<size_t>(tile.rows * dp) * 4);
   std::memset(dtxt, 0, static_cast<size_t>(tile.words * dp) * 4);
   std::memset(kimg, 0, static_cast<size_t>(tile.rows) * 4);
@@ -416,7 +416,7 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
         scan::pair_backward(local, m, n, pad_lanes(n), pl.img.norms.get() + pl.img.off[i], att,
                             lam, p.mean ? g / static_cast<float>(m) : g, scratch, kimg + ri,
                             dacc, att.gram ? pad_lanes(n) : dp);
-        store_block(local, m, n, false, dblock, tile.words);
+        store_block(local, m, n, false, false, dblock, tile.words);
       }
       if (pl.t2i) {
         float* dacc = att_img.gram ? dgram_img + ri * qpm : dimg + ri * dp;
@@ -424,7 +424,7 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
         scan::pair_backward(local, n, m, pad_lanes(m), pl.txt.norms.get() + pl.txt.off[j],
                             att_img, lam, p.mean ? g / static_cast<float>(n) : g, scratch,
                             ktxt + wj, dacc, att_img.gram ? pad_lanes(m) : dp);
-        store_block(local, m, n, true, dblock, tile.words);
+        store_block(local, m, n, true, pl.i2t, dblock, tile.words);
       }
     }
   }

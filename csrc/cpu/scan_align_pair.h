@@ -80,17 +80,19 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
   for (int64_t r = 0; r < p; ++r) {
     const float* pr = P + r * qp;
     float* al = s.alpha + r * qp;
-    V16 mx = splat(neg_inf);
-    for (int64_t c = 0; c < qp; c += kLanes) {
-      V16 z = leaky(load(pr + c)) * load(inv + c);
-      if (c == last) z = valid ? z : tail;
-      store(al + c, z);
-      mx = vmax(mx, z);
+    const auto z = [&](int64_t c) {
+      const V16 zc = leaky(load(pr + c)) * load(inv + c);
+      return c == last ? (valid ? zc : tail) : zc;
+    };
+    V16 shift = splat(abs_lam);
+    if (!fixed_shift) {
+      V16 mx = splat(neg_inf);
+      for (int64_t c = 0; c < qp; c += kLanes) mx = vmax(mx, z(c));
+      shift = splat(hmax(mx));
     }
-    const V16 shift = splat(fixed_shift ? abs_lam : hmax(mx));
     V16 sum{};
     for (int64_t c = 0; c < qp; c += kLanes) {
-      const V16 e = exp16(load(al + c) - shift);
+      const V16 e = exp16(z(c) - shift);
       store(al + c, e);
       sum += e;
     }
