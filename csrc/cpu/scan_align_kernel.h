@@ -5,18 +5,22 @@
 // side of each direction (captions for i2t, images for t2i) gets its Gram matrix
 // G = X X^T once per item when that is cheaper than forming contexts (q padded <= Dp).
 // OpenMP splits the output into tiles of whole images x whole captions; per tile one
-// GEMM (MKL, single-threaded inside the region) writes the similarity block of the tile's
-// packed tokens into a reused per-thread buffer, then every (image, caption) pair is pooled
-// from an L1-sized copy of its block (scan_align_pair.h): LeakyReLU, the normalisation
-// across the other side, softmax, and the cosine q via the Gram identity
-// <x_r, c_r> = sum alpha S, |c_r|^2 = alpha_r^T G alpha_r, so the attended context c is
-// formed only where D is the smaller side. Tiles hold whole items, so there is no merge.
+// GEMM writes the similarity block of the tile's packed tokens into a reused per-thread
+// buffer: at the AVX-512 level the max kernel's register-blocked 12 x 32 micro-kernel on
+// operands packed once per call (max_align_gemm.h: image tokens in 12-row blocks, each
+// caption block's words in 32-word strips), elsewhere MKL (single-threaded inside the
+// region). Every (image, caption) pair is then pooled while the block is hot, from an
+// L1-sized copy of its block (transposed for t2i, 16 x 16 at a time; scan_align_pair.h):
+// LeakyReLU, the normalisation across the other side, softmax, and the cosine q via the Gram
+// identity <x_r, c_r> = sum alpha S, |c_r|^2 = alpha_r^T G alpha_r, so the attended context c
+// is formed only where D is the smaller side. Tiles hold whole items, so there is no merge.
 //
 // The backward recomputes a tile's similarities and attention (as FlashAttention does),
 // forms dS pair by pair analytically (through q, the Gram term, softmax, the normalisation
 // and the LeakyReLU) into a tile buffer and applies it with two GEMMs (dV = dS T,
 // dT = dS^T V), plus the norm terms (a scale of each token) and the Gram terms (2 dG X per
-// attended item). Deterministic: each tile computes its gradient rows alone, and they are
+// attended item). So it does three GEMMs of the forward's size where the forward does one.
+// Deterministic: each tile computes its gradient rows alone, and they are
 // added to its image block's rows in caption-block order and to its caption block's rows in
 // image-block order (turn counters), so the gradients are bit-identical from run to run and
 // for any thread count. Gradients are zero on padding.

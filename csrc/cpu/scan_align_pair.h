@@ -11,6 +11,15 @@
 //
 // Layout: P is [p, qp] row-major with qp = q rounded up to 16 and zeros in the padded
 // columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h).
+//
+// Sweeps. The pair's work besides the similarity GEMM is a few sweeps over P: the column
+// sums of squares; per row, z and its exp in one sweep (shifted by |lambda|, which bounds
+// |z|, so no row maximum is needed while |lambda| <= kFixedShift); the normalisation of alpha
+// with num; alpha G (small_gemm) and |c|^2. What is summed per row (the softmax denominator,
+// num, |c|^2, the backward's <alpha, d alpha>) stays a vector until a sweep ends, and 16 rows
+// are then summed at once (row_sums): separate horizontal sums per row cost more than the
+// row's exp. The vector exp, sqrt and division make the rest; the cosine quotients are
+// formed 16 rows at a time.
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -1,6 +1,7 @@
 // 16-float vectors (GCC/Clang vector extensions: one zmm register at the AVX-512 level, two
 // ymm registers at AVX2, four xmm registers at the x86-64 baseline), an exp accurate to ~1 ulp,
-// and a register-blocked small matrix product for the scan pooling loops (scan_align_pair.h).
+// a 16 x 16 transpose, the horizontal sums of 16 vectors at once, and a register-blocked small
+// matrix product for the scan pooling loops (scan_align_pair.h).
 #pragma once
 #include <cmath>
 #include <cstdint>
