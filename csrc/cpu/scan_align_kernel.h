@@ -47,11 +47,11 @@ using scan::Attended;
 using scan::I16;
 using scan::kLanes;
 using scan::load;
+using scan::pad_lanes;
+using scan::PairScratch;
 using scan::store;
 using scan::transpose16;
 using scan::V16;
-using scan::pad_lanes;
-using scan::PairScratch;
 
 // Target rows (image tokens) and columns (words) of a tile's similarity block.
 constexpr int64_t kTileRows = 256;
@@ -233,7 +233,8 @@ struct Plan {
     strip_start.assign(n_txt_blocks + 1, 0);
     for (int64_t b = 0; b < n_txt_blocks; ++b) {
       const int64_t words = txt.off[txt_blocks[b + 1]] - txt.off[txt_blocks[b]];
-      strip_start[b + 1] = strip_start[b] + (words + max_gemm::kNR - 1) / max_gemm::kNR * max_gemm::kNR * d;
+      const int64_t strips = (words + max_gemm::kNR - 1) / max_gemm::kNR;
+      strip_start[b + 1] = strip_start[b] + strips * max_gemm::kNR * d;
     }
     img_panel = Buffer(img.total * d);
     txt_strips = Buffer(strip_start[n_txt_blocks]);
