@@ -5,18 +5,22 @@
 // side of each direction (captions for i2t, images for t2i) gets its Gram matrix
 // G = X X^T once per item when that is cheaper than forming contexts (q padded <= Dp).
 // OpenMP splits the output into tiles of whole images x whole captions; per tile one
-// GEMM (MKL, single-threaded inside the region) writes the similarity block of the tile's
-// packed tokens into a reused per-thread buffer, then every (image, caption) pair is pooled
-// from an L1-sized copy of its block (scan_align_pair.h): LeakyReLU, the normalisation
-// across the other side, softmax, and the cosine q via the Gram identity
-// <x_r, c_r> = sum alpha S, |c_r|^2 = alpha_r^T G alpha_r, so the attended context c is
-// formed only where D is the smaller side. Tiles hold whole items, so there is no merge.
+// GEMM writes the similarity block of the tile's packed tokens into a reused per-thread
+// buffer: at the AVX-512 level the max kernel's register-blocked 12 x 32 micro-kernel on
+// operands packed once per call (max_align_gemm.h: image tokens in 12-row blocks, each
+// caption block's words in 32-word strips), elsewhere MKL (single-threaded inside the
+// region). Every (image, caption) pair is then pooled while the block is hot, from an
+// L1-sized copy of its block (transposed for t2i, 16 x 16 at a time; scan_align_pair.h):
+// LeakyReLU, the normalisation across the other side, softmax, and the cosine q via the Gram
+// identity <x_r, c_r> = sum alpha S, |c_r|^2 = alpha_r^T G alpha_r, so the attended context c
+// is formed only where D is the smaller side. Tiles hold whole items, so there is no merge.
 //
 // The backward recomputes a tile's similarities and attention (as FlashAttention does),
 // forms dS pair by pair analytically (through q, the Gram term, softmax, the normalisation
 // and the LeakyReLU) into a tile buffer and applies it with two GEMMs (dV = dS T,
 // dT = dS^T V), plus the norm terms (a scale of each token) and the Gram terms (2 dG X per
-// attended item). Deterministic: each tile computes its gradient rows alone, and they are
+// attended item). So it does three GEMMs of the forward's size where the forward does one.
+// Deterministic: each tile computes its gradient rows alone, and they are
 // added to its image block's rows in caption-block order and to its caption block's rows in
 // image-block order (turn counters), so the gradients are bit-identical from run to run and
 // for any thread count. Gradients are zero on padding.
@@ -33,15 +37,21 @@
 #include <vector>
 
 #include "cpu/gemm.h"
+#include "cpu/max_align_gemm.h"
 #include "cpu/scan_align_pair.h"
 
 namespace hatkernels::cpu::HATK_CPU_LEVEL::scan_kernel {
 namespace {
 
 using scan::Attended;
+using scan::I16;
 using scan::kLanes;
+using scan::load;
 using scan::pad_lanes;
 using scan::PairScratch;
+using scan::store;
+using scan::transpose16;
+using scan::V16;
 
 // Target rows (image tokens) and columns (words) of a tile's similarity block.
 constexpr int64_t kTileRows = 256;
@@ -172,6 +182,13 @@ int64_t max_block_tokens(const Side& s, const std::vector<int64_t>& blocks) {
   return most;
 }
 
+// Row r of a side's packed tokens, for the panel packing of max_align_gemm.h.
+struct PackedRows {
+  const float* base;
+  int64_t ld, d;
+  const float* row(int64_t r) const { return base + r * ld; }
+};
+
 // Everything one call shares: packed sides, blocks, tile counts.
 struct Plan {
   const Problem& prob;
@@ -179,6 +196,12 @@ struct Plan {
   std::vector<int64_t> img_blocks, txt_blocks;
   int64_t rows_max = 0, words_max = 0, n_img_blocks = 0, n_tiles = 0;
   bool t2i, i2t;
+#if HATK_CPU_AVX512
+  // The similarity GEMM's operands (max_align_gemm.h): the image tokens in 12-row blocks,
+  // each caption block's words in 32-word strips (caption block b's at strip_start[b]).
+  Buffer img_panel, txt_strips;
+  std::vector<int64_t> strip_start;
+#endif
 
   explicit Plan(const Problem& p)
       : prob(p),
@@ -199,28 +222,58 @@ struct Plan {
     words_max = max_block_tokens(txt, txt_blocks);
     n_img_blocks = static_cast<int64_t>(img_blocks.size()) - 1;
     n_tiles = n_img_blocks * (static_cast<int64_t>(txt_blocks.size()) - 1);
+#if HATK_CPU_AVX512
+    pack_panels();
+#endif
   }
+
+#if HATK_CPU_AVX512
+  void pack_panels() {
+    const int64_t d = prob.d, n_txt_blocks = n_tiles / n_img_blocks;
+    strip_start.assign(n_txt_blocks + 1, 0);
+    for (int64_t b = 0; b < n_txt_blocks; ++b) {
+      const int64_t words = txt.off[txt_blocks[b + 1]] - txt.off[txt_blocks[b]];
+      const int64_t strips = (words + max_gemm::kNR - 1) / max_gemm::kNR;
+      strip_start[b + 1] = strip_start[b] + strips * max_gemm::kNR * d;
+    }
+    img_panel = Buffer(img.total * d);
+    txt_strips = Buffer(strip_start[n_txt_blocks]);
+    const PackedRows vi{img.tokens.get(), img.dp, d}, ti{txt.tokens.get(), txt.dp, d};
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_img_blocks + n_txt_blocks; ++k) {
+      if (k < n_img_blocks) {
+        const int64_t r0 = img.off[img_blocks[k]];
+        max_gemm::pack_row_blocks(vi, r0, img.off[img_blocks[k + 1]] - r0, img_panel.get());
+      } else {
+        const int64_t b = k - n_img_blocks, w0 = txt.off[txt_blocks[b]];
+        max_gemm::pack_col_strips(ti, w0, txt.off[txt_blocks[b + 1]] - w0,
+                                  txt_strips.get() + strip_start[b]);
+      }
+    }
+  }
+#endif
 };
 
 // Per-thread buffers: the tile's similarities, the pair scratch and (backward) gradients.
 struct Workspace {
   int64_t qp_max, width_max;
-  Buffer sim, local, alpha, y, work, col, row;
+  Buffer sim, local, alpha, y, work, col, row, lanes;
   Buffer dsim, dimg, dtxt, kimg, ktxt, dgram;
 
   Workspace(const Plan& pl, bool backward) {
     const int64_t p_max = std::max(pl.img.max_len, pl.txt.max_len);
     qp_max = pad_lanes(p_max);
     width_max = std::max(qp_max, pl.img.dp);
-    sim = Buffer(pl.rows_max * pl.words_max);
+    sim = Buffer(pl.rows_max * pl.words_max + kLanes);
     local = Buffer(p_max * qp_max);
     alpha = Buffer(p_max * qp_max);
     y = Buffer(p_max * width_max);
     work = Buffer(p_max * qp_max);
-    col = Buffer(4 * qp_max);
-    row = Buffer(4 * p_max);
+    col = Buffer(3 * qp_max);
+    row = Buffer(5 * p_max);
+    lanes = Buffer(pad_lanes(p_max) * kLanes);
     if (backward) {
-      dsim = Buffer(pl.rows_max * pl.words_max);
+      dsim = Buffer(pl.rows_max * pl.words_max + kLanes);
       dimg = Buffer(pl.rows_max * pl.img.dp);
       dtxt = Buffer(pl.words_max * pl.img.dp);
       kimg = Buffer(pl.rows_max);
@@ -229,19 +282,20 @@ struct Workspace {
     }
   }
   PairScratch scratch() const {
-    return {alpha.get(), y.get(), work.get(), col.get(), row.get()};
+    return {alpha.get(), y.get(), work.get(), col.get(), row.get(), lanes.get()};
   }
 };
 
-// One tile: images [i0, i1) x captions [j0, j1); rows/cols offsets of the packed tokens.
+// One tile: image block ib, images [i0, i1) x caption block jb, captions [j0, j1); rows/cols
+// offsets of the packed tokens.
 struct Tile {
-  int64_t i0, i1, j0, j1, r0, rows, w0, words;
+  int64_t ib, jb, i0, i1, j0, j1, r0, rows, w0, words;
 };
 
 Tile tile_of(const Plan& pl, int64_t t) {
   const int64_t ib = t % pl.n_img_blocks, jb = t / pl.n_img_blocks;
-  Tile tile{pl.img_blocks[ib], pl.img_blocks[ib + 1], pl.txt_blocks[jb], pl.txt_blocks[jb + 1],
-            0, 0, 0, 0};
+  Tile tile{ib, jb, pl.img_blocks[ib], pl.img_blocks[ib + 1], pl.txt_blocks[jb],
+            pl.txt_blocks[jb + 1], 0, 0, 0, 0};
   tile.r0 = pl.img.off[tile.i0];
   tile.rows = pl.img.off[tile.i1] - tile.r0;
   tile.w0 = pl.txt.off[tile.j0];
@@ -251,13 +305,22 @@ Tile tile_of(const Plan& pl, int64_t t) {
 
 // The tile's similarities S[rows, words] = V_tile T_tile^T.
 void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
+#if HATK_CPU_AVX512
+  max_gemm::panel_gemm(pl.img_panel.get() + tile.r0 * pl.prob.d, tile.rows,
+                       pl.txt_strips.get() + pl.strip_start[tile.jb], tile.words, pl.prob.d, sim,
+                       tile.words);
+#else
   const int64_t dp = pl.img.dp;
   gemm_nt(tile.rows, tile.words, pl.prob.d, pl.img.tokens.get() + tile.r0 * dp, dp,
           pl.txt.tokens.get() + tile.w0 * dp, dp, sim, tile.words);
+#endif
 }
 
 // Copy a pair's block [m, n] of the tile's similarities into dst, padded to [m, pad(n)] (i2t)
-// or transposed into [n, pad(m)] (t2i), zeros in the padding.
+// or transposed into [n, pad(m)] (t2i, in 16 x 16 blocks), zeros in the padding. The
+// transposing copy loads whole vectors of 16 columns, so it may read up to 15 floats past the
+// pair's columns (the tile buffers have kLanes floats of slack); they reach only the rows of
+// dst that are not stored.
 void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpose, float* dst) {
   if (!transpose) {
     const int64_t np = pad_lanes(n);
@@ -267,28 +330,48 @@ void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpo
     }
   } else {
     const int64_t mp = pad_lanes(m);
-    for (int64_t w = 0; w < n; ++w) {
-      float* out = dst + w * mp;
-      for (int64_t r = 0; r < m; ++r) out[r] = sim[r * ld + w];
-      std::memset(out + m, 0, static_cast<size_t>(mp - m) * 4);
+    for (int64_t r0 = 0; r0 < mp; r0 += kLanes) {
+      for (int64_t w0 = 0; w0 < n; w0 += kLanes) {
+        V16 v[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i)
+          v[i] = r0 + i < m ? load(sim + (r0 + i) * ld + w0) : V16{};
+        transpose16(v);
+        for (int64_t w = w0; w < std::min(n, w0 + kLanes); ++w)
+          store(dst + w * mp + r0, v[w - w0]);
+      }
     }
   }
 }
 
-// Add a pair's dP back into the tile's dS block (the inverse of load_block).
-void store_block(const float* src, int64_t m, int64_t n, bool transpose, float* dsim, int64_t ld) {
+// Write (add: add) a pair's dP into the tile's dS block (the inverse of load_block; the
+// transposed one rewrites whole vectors of 16 columns, only the pair's own ones changed).
+void store_block(const float* src, int64_t m, int64_t n, bool transpose, bool add, float* dsim,
+                 int64_t ld) {
   if (!transpose) {
     const int64_t np = pad_lanes(n);
     for (int64_t r = 0; r < m; ++r) {
       float* out = dsim + r * ld;
       const float* in = src + r * np;
 #pragma omp simd
-      for (int64_t w = 0; w < n; ++w) out[w] += in[w];
+      for (int64_t w = 0; w < n; ++w) out[w] = add ? out[w] + in[w] : in[w];
     }
   } else {
     const int64_t mp = pad_lanes(m);
-    for (int64_t w = 0; w < n; ++w) {
-      for (int64_t r = 0; r < m; ++r) dsim[r * ld + w] += src[w * mp + r];
+    I16 lane;
+    for (int i = 0; i < 16; ++i) lane[i] = i;
+    for (int64_t w0 = 0; w0 < n; w0 += kLanes) {
+      const I16 mine = lane < static_cast<int32_t>(n - w0);
+      for (int64_t r0 = 0; r0 < m; r0 += kLanes) {
+        V16 v[kLanes];
+        for (int64_t i = 0; i < kLanes; ++i)
+          v[i] = w0 + i < n ? load(src + (w0 + i) * mp + r0) : V16{};
+        transpose16(v);
+        for (int64_t r = r0; r < std::min(m, r0 + kLanes); ++r) {
+          float* out = dsim + r * ld + w0;
+          const V16 old = load(out);
+          store(out, mine ? (add ? old + v[r - r0] : v[r - r0]) : old);
+        }
+      }
     }
   }
 }
@@ -318,7 +401,6 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
   float* dgram_img = dgram_txt + (pl.i2t ? tile.words * qpm : 0);
   const int64_t dgram_rows = (pl.i2t ? tile.words : 0) + (pl.t2i ? tile.rows : 0);
   tile_similarities(pl, tile, sim);
-  std::memset(dsim, 0, static_cast<size_t>(tile.rows * tile.words) * 4);
   std::memset(dimg, 0, static_cast<size_t>(tile.rows * dp) * 4);
   std::memset(dtxt, 0, static_cast<size_t>(tile.words * dp) * 4);
   std::memset(kimg, 0, static_cast<size_t>(tile.rows) * 4);
@@ -339,7 +421,7 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
         scan::pair_backward(local, m, n, pad_lanes(n), pl.img.norms.get() + pl.img.off[i], att,
                             lam, p.mean ? g / static_cast<float>(m) : g, scratch, kimg + ri,
                             dacc, att.gram ? pad_lanes(n) : dp);
-        store_block(local, m, n, false, dblock, tile.words);
+        store_block(local, m, n, false, false, dblock, tile.words);
       }
       if (pl.t2i) {
         float* dacc = att_img.gram ? dgram_img + ri * qpm : dimg + ri * dp;
@@ -347,7 +429,7 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
         scan::pair_backward(local, n, m, pad_lanes(m), pl.txt.norms.get() + pl.txt.off[j],
                             att_img, lam, p.mean ? g / static_cast<float>(n) : g, scratch,
                             ktxt + wj, dacc, att_img.gram ? pad_lanes(m) : dp);
-        store_block(local, m, n, true, dblock, tile.words);
+        store_block(local, m, n, true, pl.i2t, dblock, tile.words);
       }
     }
   }
@@ -493,15 +575,14 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
     const Workspace& w = ws[omp_get_thread_num()];
     const PairScratch scratch = w.scratch();
     for (int64_t k = next_tile++; k < pl.n_tiles; k = next_tile++) {
-      const int64_t t = order[k], ib = t % pl.n_img_blocks, jb = t / pl.n_img_blocks;
-      const Tile tile = tile_of(pl, t);
+      const Tile tile = tile_of(pl, order[k]);
       tile_gradients(pl, tile, lambda_softmax, grad_out, w, scratch);
-      img_turns.wait(ib, static_cast<int>(jb));
+      img_turns.wait(tile.ib, static_cast<int>(tile.jb));
       add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images);
-      img_turns.pass(ib);
-      txt_turns.wait(jb, static_cast<int>(ib));
+      img_turns.pass(tile.ib);
+      txt_turns.wait(tile.jb, static_cast<int>(tile.ib));
       add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts);
-      txt_turns.pass(jb);
+      txt_turns.pass(tile.jb);
     }
   }
 }

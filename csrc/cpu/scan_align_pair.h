@@ -11,9 +11,20 @@
 //
 // Layout: P is [p, qp] row-major with qp = q rounded up to 16 and zeros in the padded
 // columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h).
+//
+// Sweeps. The pair's work besides the similarity GEMM is a few sweeps over P: the column
+// sums of squares; per row, z and its exp in one sweep (shifted by |lambda|, which bounds
+// |z|, so no row maximum is needed while |lambda| <= kFixedShift); the normalisation of alpha
+// with num; alpha G (small_gemm) and |c|^2. What is summed per row (the softmax denominator,
+// num, |c|^2, the backward's <alpha, d alpha>) stays a vector until a sweep ends, and 16 rows
+// are then summed at once (row_sums): separate horizontal sums per row cost more than the
+// row's exp. The vector exp, sqrt and division make the rest; the cosine quotients are
+// formed 16 rows at a time.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "cpu/scan_align_simd.h"
@@ -32,23 +43,31 @@ struct Attended {
 };
 
 // Per-thread scratch, each at least as large as noted for the largest pair, 64-byte
-// aligned. Sized by the caller (see Workspace in scan_align.cpp).
+// aligned. Sized by the caller (Workspace in scan_align_kernel.h).
 struct PairScratch {
   float* alpha;  // [p, qp]
   float* y;      // [p, width]: alpha G (Gram) or the contexts c_r (context mode)
   float* work;   // [p, qp]: backward only
-  float* col;    // [qp] x 4: sum of squares, lambda / den, backward d alpha and den sums
-  float* row;    // [p] x 4: num, |c|^2, backward per-row terms
+  float* col;    // [qp] x 3: sum of squares, lambda / den, backward den sums
+  float* row;    // [p] x 5: num, |c|^2, then row sums and the backward's per-row terms
+  float* lanes;  // [pad_lanes(p), 16]: one vector per row, before its horizontal sum
 };
 
+// The softmax's shift. |a[r, c]| <= den_c, so |z| <= |lambda|: exp(z - |lambda|) cannot
+// overflow, and while |lambda| <= kFixedShift it stays a normal float (>= exp(-80)), so the
+// row maximum (a horizontal reduction per row) is needed only for larger |lambda|.
+constexpr float kFixedShift = 40.f;
+
 // Column statistics and the attention of every row; fills s.alpha, s.y, num = s.row,
-// c2 = s.row + p. Columns >= q get alpha = 0.
+// c2 = s.row + p. Columns >= q get alpha = 0. The per-row sums (softmax denominator, num,
+// |c|^2) are kept as vectors and summed 16 rows at a time (row_sums).
 inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
                            const Attended& att, float lam, const PairScratch& s) {
   float* sumsq = s.col;
   float* inv = s.col + qp;
   float* num = s.row;
   float* c2 = s.row + p;
+  float* rsum = s.row + 2 * p;
   for (int64_t c = 0; c < qp; c += kLanes) {
     V16 acc{};
     for (int64_t r = 0; r < p; ++r) {
@@ -57,39 +76,51 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
     }
     store(sumsq + c, acc);
   }
-  for (int64_t c = 0; c < qp; ++c) inv[c] = lam / (std::sqrt(sumsq[c]) + kEps);
+  for (int64_t c = 0; c < qp; c += kLanes)
+    store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
   const float neg_inf = -std::numeric_limits<float>::infinity();
+  const float abs_lam = std::fabs(lam);
+  const bool fixed_shift = abs_lam <= kFixedShift;
   const V16 tail = splat(neg_inf);  // for the padded columns
-  const int64_t last = qp - kLanes;           // the only chunk that may hold padded columns
+  const int64_t last = qp - kLanes;  // the only chunk that may hold padded columns
   I16 lane;
   for (int i = 0; i < 16; ++i) lane[i] = i;
   const I16 valid = lane < static_cast<int32_t>(q - last);
   for (int64_t r = 0; r < p; ++r) {
     const float* pr = P + r * qp;
     float* al = s.alpha + r * qp;
-    V16 mx = splat(neg_inf);
-    for (int64_t c = 0; c < qp; c += kLanes) {
-      V16 z = leaky(load(pr + c)) * load(inv + c);
-      if (c == last) z = valid ? z : tail;
-      store(al + c, z);
-      mx = vmax(mx, z);
+    const auto z = [&](int64_t c) {
+      const V16 zc = leaky(load(pr + c)) * load(inv + c);
+      return c == last ? (valid ? zc : tail) : zc;
+    };
+    V16 shift = splat(abs_lam);
+    if (!fixed_shift) {
+      V16 mx = splat(neg_inf);
+      for (int64_t c = 0; c < qp; c += kLanes) mx = vmax(mx, z(c));
+      shift = splat(hmax(mx));
     }
-    const V16 m = splat(hmax(mx));
     V16 sum{};
     for (int64_t c = 0; c < qp; c += kLanes) {
-      const V16 e = exp16(load(al + c) - m);
+      const V16 e = exp16(z(c) - shift);
       store(al + c, e);
       sum += e;
     }
-    const V16 rs = splat(1.f / hsum(sum));
+    store(s.lanes + r * kLanes, sum);
+  }
+  row_sums(s.lanes, p, rsum);
+  for (int64_t r = 0; r < p; ++r) {
+    const float* pr = P + r * qp;
+    float* al = s.alpha + r * qp;
+    const V16 rs = splat(1.f / rsum[r]);
     V16 nm{};
     for (int64_t c = 0; c < qp; c += kLanes) {
       const V16 a = load(al + c) * rs;
       store(al + c, a);
       nm = fmadd(a, load(pr + c), nm);
     }
-    num[r] = hsum(nm);
+    store(s.lanes + r * kLanes, nm);
   }
+  row_sums(s.lanes, p, num);
   // y = alpha Z, then |c|^2 = <y, alpha> (Gram) or <y, y> (contexts).
   const int64_t w = att.width;
   small_gemm<false>(p, w, s.alpha, qp, 1, nullptr, q, att.z, att.ld, s.y, w, false);
@@ -98,22 +129,30 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
     const float* other = att.gram ? s.alpha + r * qp : yr;
     V16 acc{};
     for (int64_t c = 0; c < w; c += kLanes) acc = fmadd(load(yr + c), load(other + c), acc);
-    c2[r] = hsum(acc);
+    store(s.lanes + r * kLanes, acc);
   }
+  row_sums(s.lanes, p, c2);
 }
 
-inline float cosine_denominator(float xn, float c2) {
-  const float prod = xn * std::sqrt(c2 > 0.f ? c2 : 0.f);
-  return prod > kEps ? prod : kEps;
-}
-
-// Sum over the rows of q_r (the pair's unreduced score in this direction).
+// Sum over the rows of q_r = num_r / max(|x_r| |c_r|, eps) (the pair's unreduced score in
+// this direction), 16 rows at a time.
 inline float pair_forward(const float* P, int64_t p, int64_t q, int64_t qp, const float* xnorm,
                           const Attended& att, float lam, const PairScratch& s) {
   pair_attention(P, p, q, qp, att, lam, s);
-  float total = 0.f;
-  for (int64_t r = 0; r < p; ++r) total += s.row[r] / cosine_denominator(xnorm[r], s.row[p + r]);
-  return total;
+  const float* num = s.row;
+  const float* c2 = s.row + p;
+  V16 total{};
+  for (int64_t r0 = 0; r0 < p; r0 += kLanes) {
+    const size_t bytes = static_cast<size_t>(std::min(kLanes, p - r0)) * 4;
+    float nm[kLanes] = {}, cc[kLanes] = {}, xn[kLanes] = {};  // zeros past p: q = 0 there
+    std::memcpy(nm, num + r0, bytes);
+    std::memcpy(cc, c2 + r0, bytes);
+    std::memcpy(xn, xnorm + r0, bytes);
+    const V16 c = load(cc);
+    const V16 prod = load(xn) * vsqrt(c > 0.f ? c : splat(0.f));
+    total += load(nm) / (prod > kEps ? prod : splat(kEps));
+  }
+  return hsum(total);
 }
 
 // Backward of gq * sum_r q_r. Writes dP [p, qp] (over P's buffer: P is read first), adds
@@ -131,9 +170,10 @@ inline void pair_backward(float* P, int64_t p, int64_t q, int64_t qp, const floa
   float* wrow = s.row + 3 * p;  // dc2_r (Gram) or 2 dc2_r (contexts)
   const float* sumsq = s.col;
   const float* inv = s.col + qp;
-  float* dalpha = s.col + 2 * qp;
-  float* tden = s.col + 3 * qp;
+  float* tden = s.col + 2 * qp;
+  float* dot = s.row + 4 * p;  // <alpha_r, d alpha_r>
   for (int64_t c = 0; c < qp; c += kLanes) store(tden + c, V16{});
+  // d alpha, row by row, into s.work.
   for (int64_t r = 0; r < p; ++r) {
     const float cn = std::sqrt(c2[r] > 0.f ? c2[r] : 0.f);
     const float prod = xnorm[r] * cn;
@@ -149,6 +189,7 @@ inline void pair_backward(float* P, int64_t p, int64_t q, int64_t qp, const floa
     const float* pr = P + r * qp;
     const float* al = s.alpha + r * qp;
     const float* yr = s.y + r * w;
+    float* dalpha = s.work + r * qp;
     const V16 vdn = splat(dn), vdc2 = splat(2.f * dc2);
     if (att.gram) {
       wrow[r] = dc2;
@@ -157,22 +198,29 @@ inline void pair_backward(float* P, int64_t p, int64_t q, int64_t qp, const floa
     } else {  // d alpha[r, c] gets 2 dc2 <c_r, x_c>
       wrow[r] = 2.f * dc2;
       for (int64_t c = 0; c < qp; ++c) {
-        float dot = 0.f;
+        float dot_c = 0.f;
         if (c < q) {
           V16 acc{};
           for (int64_t d = 0; d < w; d += kLanes)
             acc = fmadd(load(yr + d), load(att.z + c * att.ld + d), acc);
-          dot = hsum(acc);
+          dot_c = hsum(acc);
         }
-        dalpha[c] = dn * pr[c] + 2.f * dc2 * dot;
+        dalpha[c] = dn * pr[c] + 2.f * dc2 * dot_c;
       }
     }
     V16 acc{};
     for (int64_t c = 0; c < qp; c += kLanes) acc = fmadd(load(al + c), load(dalpha + c), acc);
-    const V16 dot = splat(hsum(acc));
+    store(s.lanes + r * kLanes, acc);
+  }
+  row_sums(s.lanes, p, dot);
+  // Through the softmax: dz = alpha (d alpha - <alpha, d alpha>); s.work becomes d a.
+  for (int64_t r = 0; r < p; ++r) {
+    const float* pr = P + r * qp;
+    const float* al = s.alpha + r * qp;
     float* wr = s.work + r * qp;
+    const V16 vdot = splat(dot[r]);
     for (int64_t c = 0; c < qp; c += kLanes) {
-      const V16 dz = load(al + c) * (load(dalpha + c) - dot);
+      const V16 dz = load(al + c) * (load(wr + c) - vdot);
       store(tden + c, fmadd(dz, leaky(load(pr + c)), load(tden + c)));
       store(wr + c, dz * load(inv + c));  // d a through z = lambda a / den
     }

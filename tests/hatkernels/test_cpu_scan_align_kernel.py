@@ -36,7 +36,7 @@ def _check(case, direction, reduce, lam=9.0):
     )
 
 
-@pytest.mark.parametrize("lam", [4.0, 9.0, 20.0])
+@pytest.mark.parametrize("lam", [4.0, 9.0, 20.0, 60.0])
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("direction", sorted({d for d, _ in SETTINGS}))
 def test_modes_gram_path(direction, reduce, lam):
