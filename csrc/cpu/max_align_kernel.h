@@ -510,7 +510,11 @@ bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen
 constexpr int64_t kProbeTiles = 8, kGiveUpShare = 8;
 
 void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
-  const bool screen = HATK_CPU_AVX512 && p.screen && p.direction == kT2I;
+#if HATK_CPU_AVX512
+  const bool screen = p.screen && p.direction == kT2I && p.d >= max_screen::kMinDim;
+#else
+  const bool screen = false;
+#endif
   const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
   const WinnersAt<int32_t> at = winners_at(p, plan, winners);
   bool tied = false;

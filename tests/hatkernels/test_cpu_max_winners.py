@@ -183,7 +183,7 @@ def test_the_screened_forward_keeps_the_same_winners(direction, monkeypatch):
     its scores are those of the screened forward without gradients, bit for bit, and its
     gradients those of the float32 forward's winners (the same winners: random data has no
     near-ties at float32 rounding)."""
-    v, t, vl, tl = _inputs(make_case(67, 13, 40, [(49, 32, 64)]))
+    v, t, vl, tl = _inputs(make_case(67, 13, 40, [(49, 32, 96)]))
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "0")
     float32 = _run(v, t, vl, tl, direction, "mean", WINNERS)
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")

@@ -72,7 +72,7 @@ def _assert_same_scores(plain: torch.Tensor, screened: torch.Tensor) -> None:
 @pytest.mark.parametrize("direction,reduce", SETTINGS)
 def test_random_data_equals_float32_path(monkeypatch, direction, reduce):
     # Several tiles both ways (groups of ~400 tokens), partial strips and blocks (odd sizes).
-    images, texts, il, tl = _inputs(1, 23, 71, 49, 32, 67)
+    images, texts, il, tl = _inputs(1, 23, 71, 49, 32, 131)
     plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, reduce == "mean")
     _assert_same_scores(plain, screened)
     if direction != "both":
@@ -86,10 +86,10 @@ def test_ties_and_near_ties(monkeypatch, direction):
     """Images made of a few tokens repeated exactly or up to 1e-7: every max is (nearly) tied,
     which leaves many candidates (tiles fall back to float32)."""
     g = torch.Generator().manual_seed(2)
-    base = torch.nn.functional.normalize(torch.randn(9, 3, 48, generator=g), dim=-1)
+    base = torch.nn.functional.normalize(torch.randn(9, 3, 96, generator=g), dim=-1)
     images = base.repeat(1, 16, 1)
-    images[:, 24:] += 1e-7 * torch.randn(9, 24, 48, generator=g)
-    texts = torch.nn.functional.normalize(torch.randn(30, 20, 48, generator=g), dim=-1)
+    images[:, 24:] += 1e-7 * torch.randn(9, 24, 96, generator=g)
+    texts = torch.nn.functional.normalize(torch.randn(30, 20, 96, generator=g), dim=-1)
     il = torch.full((9,), 48)
     tl = torch.randint(1, 21, (30,), generator=g)
     plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, True)
@@ -100,7 +100,7 @@ def test_ties_and_near_ties(monkeypatch, direction):
 def test_huge_and_tiny_norms(monkeypatch, direction):
     """Tokens scaled by 1e18 (their bound would overflow: those tiles fall back) and 1e-20
     (codes of tiny scales) among unit tokens."""
-    images, texts, il, tl = _inputs(3, 17, 40, 30, 24, 64)
+    images, texts, il, tl = _inputs(3, 17, 40, 30, 24, 100)
     images[2, :5] *= 1e18
     images[5] *= 1e-20
     texts[7, :3] *= 1e-20
@@ -113,7 +113,7 @@ def test_huge_and_tiny_norms(monkeypatch, direction):
 def test_wide_dynamic_range_within_tokens(monkeypatch, direction):
     """One huge coordinate per token makes the int8 codes of the rest zero: screening finds
     few tokens to drop, and the result must still be exact."""
-    images, texts, il, tl = _inputs(4, 12, 50, 20, 16, 40)
+    images, texts, il, tl = _inputs(4, 12, 50, 20, 16, 97)
     images[..., 0] = 1e4
     texts[..., 0] = torch.where(torch.isnan(texts[..., 0]), texts[..., 0], 1.0)
     plain, screened = _both_paths(monkeypatch, images, texts, il, tl, direction, True)
@@ -123,7 +123,7 @@ def test_wide_dynamic_range_within_tokens(monkeypatch, direction):
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_screened_forward_is_deterministic_at_any_thread_count(monkeypatch, direction):
     # Many tiles (groups of ~400 tokens): the probe tiles and the rest run on several threads.
-    images, texts, il, tl = _inputs(5, 40, 300, 49, 32, 24)
+    images, texts, il, tl = _inputs(5, 40, 300, 49, 32, 96)
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
     threads = torch.get_num_threads()
     try:
@@ -142,7 +142,7 @@ def test_screened_forward_is_deterministic_at_any_thread_count(monkeypatch, dire
 def test_amx_and_vnni_gemms_give_identical_scores(monkeypatch, direction):
     """The int8 GEMM on AMX tiles (where usable) and on AVX-512 VNNI sums the same integers,
     so the screened scores are bit-identical (odd d: codes padded to whole tile rows)."""
-    images, texts, il, tl = _inputs(10, 19, 83, 49, 32, 75)
+    images, texts, il, tl = _inputs(10, 19, 83, 49, 32, 107)
     out = {}
     for flag in ("1", "vnni"):
         monkeypatch.setenv("HATKERNELS_CPU_SCREEN", flag)
@@ -151,7 +151,7 @@ def test_amx_and_vnni_gemms_give_identical_scores(monkeypatch, direction):
 
 
 def test_screening_is_the_default(monkeypatch):
-    images, texts, il, tl = _inputs(8, 9, 30, 20, 12, 32)
+    images, texts, il, tl = _inputs(8, 9, 30, 20, 12, 96)
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
     on = ext.max_align_forward(images, texts, il, tl, 0, True)
     monkeypatch.delenv("HATKERNELS_CPU_SCREEN")
@@ -162,10 +162,10 @@ def test_data_that_defeats_screening_runs_the_float32_kernel(monkeypatch):
     """Every image one direction plus noise of 1e-4: nothing can be screened out, the probe
     tiles fall back and the whole call runs the float32 kernel (bit-identical to it)."""
     g = torch.Generator().manual_seed(9)
-    base = torch.nn.functional.normalize(torch.randn(24, 1, 32, generator=g), dim=-1)
-    noise = 1e-4 * torch.randn(24, 49, 32, generator=g)
+    base = torch.nn.functional.normalize(torch.randn(24, 1, 96, generator=g), dim=-1)
+    noise = 1e-4 * torch.randn(24, 49, 96, generator=g)
     images = torch.nn.functional.normalize(base + noise, dim=-1)
-    texts = torch.nn.functional.normalize(torch.randn(200, 32, 32, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(200, 32, 96, generator=g), dim=-1)
     il = torch.full((24,), 49)
     tl = torch.randint(8, 33, (200,), generator=g)
     plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
@@ -178,6 +178,14 @@ def test_against_float64_reference_with_gradients(monkeypatch, direction, reduce
     case = make_case(6, 13, 41, [(49, 32, 64), (7, 9, 33)])
     check_against_reference(case, "cpu", torch.float32, pooling="max", direction=direction,
                             reduce=reduce)
+
+
+def test_small_feature_sizes_run_the_float32_kernel(monkeypatch):
+    """Below 96 features screening costs more than it saves: such calls are not screened, so
+    their scores are the float32 kernel's bit for bit."""
+    images, texts, il, tl = _inputs(11, 15, 60, 49, 32, 95)
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
+    assert torch.equal(plain, screened)
 
 
 def test_bad_switch_value_is_named(monkeypatch):
