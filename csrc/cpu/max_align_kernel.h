@@ -3,7 +3,8 @@
 // Tiling. Only valid tokens are ever read or multiplied: images are grouped into runs of
 // whole images of at most kTileRows tokens, captions into runs of whole captions of at most
 // kTileCols words, and a tile is (image group x caption group), so no tile needs a merge
-// with another. The operands are packed once per call (max_align_gemm.h): with AVX-512,
+// with another. The operands are packed once per call (max_align_gemm.h; a screened forward
+// packs a group's float32 operand only when one of its tiles falls back): with AVX-512,
 // image tokens into 12-row blocks and each caption group's words into 32-word strips, both
 // k-major, and a 12 x 32 register-blocked micro-kernel computes the tile's similarities
 // C [rows, cols] with no per-tile packing; otherwise the valid tokens are packed row-major and
@@ -100,7 +101,58 @@ struct Plan {
   max_screen::Codes qv, qt;
   std::vector<int32_t> a8, b8;
 #endif
+  // A screened forward packs a group's float32 operand only when one of its tiles falls back:
+  // lazy[k] (image groups, then caption groups) is 0 before, 1 while and 2 after packing. Null:
+  // every group was packed by make_plan (or none is needed).
+  std::unique_ptr<std::atomic<int>[]> lazy;
 };
+
+// The rows and columns of group k: image group k for k < the number of image groups, else
+// caption group k - that number.
+struct Group {
+  bool images;
+  int64_t index, first, count;
+};
+
+Group group_of(const Plan& plan, int64_t k) {
+  const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
+  if (k < n_ig) return {true, k, plan.v.off[plan.ig[k]], plan.v.off[plan.ig[k + 1]] - plan.v.off[plan.ig[k]]};
+  const int64_t g = k - n_ig;
+  return {false, g, plan.t.off[plan.cg[g]], plan.t.off[plan.cg[g + 1]] - plan.t.off[plan.cg[g]]};
+}
+
+// Packs group k's float32 operand (the panels live behind pointers: a const plan can be
+// filled lazily, see ensure_packed).
+void pack_float_group(const Plan& plan, int64_t k) {
+  const Group gr = group_of(plan, k);
+  const int64_t d = plan.v_rows.d;
+  const max_gemm::Rows& src = gr.images ? plan.v_rows : plan.t_rows;
+  float* dst = gr.images ? plan.a.get() : plan.b.get() + plan.b_start[gr.index];
+  if constexpr (max_gemm::kPanels) {
+    if (gr.images)
+      max_gemm::pack_row_blocks(src, gr.first, gr.count, dst);
+    else
+      max_gemm::pack_col_strips(src, gr.first, gr.count, dst);
+  } else {
+    float* row0 = gr.images ? dst + gr.first * d : dst;
+    for (int64_t r = 0; r < gr.count; ++r)
+      std::memcpy(row0 + r * d, src.row(gr.first + r), sizeof(float) * d);
+  }
+}
+
+#if HATK_CPU_AVX512
+// Packs group k's int8 codes (screened forwards): image codes into row blocks for the VNNI
+// micro-kernel (AMX reads them row-major from the codes), word codes into strips.
+void pack_int8_group(Plan& plan, int64_t k) {
+  const Group gr = group_of(plan, k);
+  if (gr.images) {
+    if (!plan.a8.empty()) max_gemm::pack_row_blocks(plan.qv, gr.first, gr.count, plan.a8.data());
+    return;
+  }
+  max_gemm::pack_col_strips(plan.qt, gr.first, gr.count,
+                            plan.b8.data() + plan.b_start[gr.index] / plan.v_rows.d * plan.qv.d4);
+}
+#endif
 
 Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed,
                bool screen = false, bool pack = true) {
@@ -142,36 +194,16 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
 #else
   (void)screen;
 #endif
-  const int64_t n_pack = pack ? n_ig + n_cg : 0;
+  // A screened forward packs the float32 operands lazily (ensure_packed).
+  if (screen && pack) plan.lazy = std::make_unique<std::atomic<int>[]>(n_ig + n_cg);
+  const bool float32 = pack && !plan.lazy;
+  const int64_t n_pack = float32 || screen ? n_ig + n_cg : 0;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t k = 0; k < n_pack; ++k) {
-    if (k < n_ig) {
-      const int64_t r0 = plan.v.off[plan.ig[k]], rows = plan.v.off[plan.ig[k + 1]] - r0;
-      if constexpr (max_gemm::kPanels) {
-        max_gemm::pack_row_blocks(plan.v_rows, r0, rows, plan.a.get());
+    if (float32) pack_float_group(plan, k);
 #if HATK_CPU_AVX512
-        if (screen && !p.amx) max_gemm::pack_row_blocks(plan.qv, r0, rows, plan.a8.data());
+    if (screen) pack_int8_group(plan, k);
 #endif
-      } else {
-        for (int64_t r = r0; r < r0 + rows; ++r)
-          std::memcpy(plan.a.get() + r * d, plan.v_rows.row(r), sizeof(float) * d);
-      }
-    } else {
-      const int64_t g = k - n_ig;
-      const int64_t w0 = plan.t.off[plan.cg[g]], cols = plan.t.off[plan.cg[g + 1]] - w0;
-      float* dst = plan.b.get() + plan.b_start[g];
-      if constexpr (max_gemm::kPanels) {
-        max_gemm::pack_col_strips(plan.t_rows, w0, cols, dst);
-#if HATK_CPU_AVX512
-        if (screen)
-          max_gemm::pack_col_strips(plan.qt, w0, cols,
-                                    plan.b8.data() + plan.b_start[g] / d * plan.qv.d4);
-#endif
-      } else {
-        for (int64_t w = 0; w < cols; ++w)
-          std::memcpy(dst + w * d, plan.t_rows.row(w0 + w), sizeof(float) * d);
-      }
-    }
   }
   return plan;
 }
@@ -188,6 +220,24 @@ Tile tile_of(const Plan& plan, int64_t a, int64_t b) {
   t.w0 = plan.t.off[t.j0];
   t.cols = plan.t.off[t.j1] - t.w0;
   return t;
+}
+
+// Packs tile t's float32 operands if they were left to be packed lazily (screened forwards);
+// a thread that finds a group being packed by another waits for it.
+void ensure_packed(const Plan& plan, const Tile& t) {
+  if (!plan.lazy) return;
+  const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
+  for (const int64_t k : {t.a, n_ig + t.b}) {
+    std::atomic<int>& state = plan.lazy[k];
+    int expected = 0;
+    if (state.load(std::memory_order_acquire) == 2) continue;
+    if (state.compare_exchange_strong(expected, 1, std::memory_order_acq_rel)) {
+      pack_float_group(plan, k);
+      state.store(2, std::memory_order_release);
+      continue;
+    }
+    while (state.load(std::memory_order_acquire) != 2) std::this_thread::yield();
+  }
 }
 
 void similarities(const Plan& plan, const Tile& t, int64_t d, float* c) {
@@ -564,6 +614,7 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
                      (!probed[k] && keep && screened_tile(p, plan, t, s, at, q.get(), out, tied))))
         continue;
 #endif
+      ensure_packed(plan, t);
       similarities(plan, t, p.d, c.get());
       tied = pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out) || tied;
     }
