@@ -136,20 +136,26 @@ Isa active_isa() {
                               names({kLevels, kLevels + 3}) + ", got '" + wanted + "'");
 }
 
-bool screening() {
-  return screen_wanted() != ScreenWanted::kOff && active_isa() == Isa::kAvx512 &&
-         cpu_has_vnni();
+// How the max forward screens (max_align_screen.h): at the avx512 level on a CPU with AVX-512
+// VNNI unless HATKERNELS_CPU_SCREEN says 0, its int8 GEMM on AMX where usable unless it says
+// vnni. The variable is read once per call.
+enum class ScreenPath { kOff, kVnni, kAmx };
+
+ScreenPath screen_path(ScreenWanted wanted) {
+  if (wanted == ScreenWanted::kOff || active_isa() != Isa::kAvx512 || !cpu_has_vnni())
+    return ScreenPath::kOff;
+  return wanted == ScreenWanted::kBest && amx_usable() ? ScreenPath::kAmx : ScreenPath::kVnni;
 }
 
 std::string screening_status() {
-  if (screen_wanted() == ScreenWanted::kOff) return std::string("off (") + kScreenEnv + "=0)";
+  const ScreenWanted wanted = screen_wanted();
+  if (wanted == ScreenWanted::kOff) return std::string("off (") + kScreenEnv + "=0)";
   if (active_isa() != Isa::kAvx512) return "off (needs the avx512 level)";
   if (!cpu_has_vnni()) return "off (this CPU has no AVX-512 VNNI)";
   std::string gemm = "AVX-512 VNNI (no usable AMX)";
   if (amx_usable())
-    gemm = screen_wanted() == ScreenWanted::kBest
-               ? "AMX"
-               : "AVX-512 VNNI (" + std::string(kScreenEnv) + "=vnni)";
+    gemm = wanted == ScreenWanted::kBest ? "AMX"
+                                         : "AVX-512 VNNI (" + std::string(kScreenEnv) + "=vnni)";
   return "on (max pooling forward: int8 screening on " + gemm +
          ", float32 for the candidates)";
 }
@@ -164,9 +170,10 @@ int64_t max_align_winners_size(const Problem& p) {
 }
 
 void max_align_forward(const Problem& p, float* out, int32_t* winners) {
+  const ScreenPath path = screen_path(screen_wanted());
   Problem screened = p;
-  screened.screen = screening();
-  screened.amx = screened.screen && screen_wanted() == ScreenWanted::kBest && amx_usable();
+  screened.screen = path != ScreenPath::kOff;
+  screened.amx = path == ScreenPath::kAmx;
   kernels().max_forward(screened, out, winners);
 }
 

@@ -58,13 +58,11 @@ std::vector<Isa> supported_isas();
 // "HATKERNELS_CPU_ISA", for an unknown level or one this CPU cannot run.
 Isa active_isa();
 
-// Whether the max forward screens with int8 codes (max_align_screen.h): at the avx512 level on
-// a CPU with AVX-512 VNNI, unless HATKERNELS_CPU_SCREEN is "0" ("1", unset or empty: yes, its
-// int8 GEMM on AMX where usable; "vnni": yes, on VNNI; read on every call). Throws
-// std::invalid_argument, its message starting with "HATKERNELS_CPU_SCREEN", for another value.
-bool screening();
-
-// One line for reports: whether screening runs, and why not.
+// One line for reports: whether the max forward screens with int8 codes (max_align_screen.h),
+// on which GEMM, and why not: at the avx512 level on a CPU with AVX-512 VNNI, unless
+// HATKERNELS_CPU_SCREEN is "0" ("1", unset or empty: yes, its int8 GEMM on AMX where usable;
+// "vnni": yes, on VNNI; read on every call). Throws std::invalid_argument, its message starting
+// with "HATKERNELS_CPU_SCREEN", for another value.
 std::string screening_status();
 
 }  // namespace hatkernels::cpu

@@ -145,6 +145,11 @@ inline Codes quantise(const max_gemm::Rows& src, int64_t rows, const int64_t* it
   return q;
 }
 
+// The first min(n, 16) lanes of a 16-lane vector (the tail of a row).
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
+}
+
 // <x, y> over d floats (the candidates' float32 recomputation).
 inline float dot(const float* x, const float* y, int64_t d) {
   __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
@@ -155,7 +160,7 @@ inline float dot(const float* x, const float* y, int64_t d) {
       acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * v), _mm512_loadu_ps(y + k + 16 * v),
                                acc[v]);
   for (; k < d; k += 16) {
-    const __mmask16 m = static_cast<__mmask16>(d - k >= 16 ? 0xffffu : (1u << (d - k)) - 1u);
+    const __mmask16 m = first_lanes(d - k);
     acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, y + k),
                              acc[0]);
   }
@@ -193,9 +198,7 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
     rbar = std::max(rbar, qv.radius[r]);
     nbar = std::max(nbar, qv.norm[r]);
   }
-  const auto lanes = [&](int64_t w) {
-    return static_cast<__mmask16>(cols - w >= 16 ? 0xffffu : (1u << (cols - w)) - 1u);
-  };
+  const auto lanes = [&](int64_t w) { return first_lanes(cols - w); };
   // Pass 1: every word's largest D (in thr for now) and its first row r*.
   for (int64_t w = 0; w < cols; w += 16) {
     _mm512_mask_storeu_epi32(thr + w, lanes(w), _mm512_maskz_loadu_epi32(lanes(w), im.ci + w));
