@@ -77,3 +77,33 @@ def _reference_grads(data, get, case, images, texts) -> list[torch.Tensor]:
                            weights=case["kwargs"].get("weights"), **kwargs)  # fmt: skip
     grads = torch.autograd.grad(ref, rounded[0] + rounded[1], torch.from_numpy(data["cotangent"]))
     return [torch.nan_to_num(g) for g in grads]
+
+
+MAX_CASES = [c for c in MANIFEST if c["kwargs"].get("pooling", "scan") == "max"]
+
+
+@pytest.mark.skipif(not MAX_CASES, reason=f"golden max cases not found at {GOLDEN}")
+@pytest.mark.parametrize("case", MAX_CASES, ids=[c["case"] for c in MAX_CASES])
+def test_golden_through_screening(case):
+    """The max cases with their features padded by zeros to 96, where the cpu backend's max
+    forward screens with int8 codes (smaller d is never screened): zero features change no
+    similarity, so scores and gradients must still be the golden ones (the padded features'
+    gradients zero); NaN padding as shipped."""
+    pytest.importorskip("hatkernels._C_cpu")
+    data, get = _load(case)
+
+    def widen(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(x.float(), (0, 96 - x.shape[-1])).requires_grad_(True)
+
+    images, texts = [widen(x) for x in get("images")], [widen(x) for x in get("texts")]
+    out = hier_align(images, texts, image_lengths=get("image_lengths"),
+                     text_lengths=get("text_lengths"), backend="cpu", **case["kwargs"])  # fmt: skip
+    fwd_tol, grad_tol = TOLERANCE[torch.float32]
+    assert rel_err(out, torch.from_numpy(data["scores"])) <= fwd_tol
+    cotangent = torch.from_numpy(data["cotangent"]).float()
+    grads = torch.autograd.grad(out, images + texts, cotangent)
+    floor = 1e-3 * float(cotangent.norm())
+    for g, e in zip(grads, get("grad_images") + get("grad_texts")):
+        d = e.shape[-1]
+        assert rel_err(g[..., :d], e, floor=floor) <= grad_tol
+        assert bool((g[..., d:] == 0).all())
