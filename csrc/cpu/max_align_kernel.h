@@ -36,20 +36,23 @@
 // i2t winners come from each caption segment's max (sole_argmax).
 // Keeping them costs the forward about 1.5% (W1, t2i), 4 bytes per query token and pair.
 //
-// Backward. Every tile finds each query token's winner: from the saved winners where there
-// are some and the token is not tied; otherwise from the tile's C, recomputed (the same tiles
-// and the same GEMM as the forward, so the same values and the same ties; the operands are
-// packed only when a tile can need C). Exact ties share the gradient equally (as torch's amax
-// does). It then scatters: a t2i winner (image token r, word w) with coefficient a adds a T[w]
-// to dV[r] and a V[r] to dT[w] (i2t the same with the roles swapped). That is 4 D flops per
-// query token and item, 2/m (or 2/n) of the forward GEMM, so dense dS GEMMs would cost more
-// than they save; from saved winners the backward is this scatter alone (about 0.4 of the
-// forward's time on W1, against 1.4 when it recomputes C). The two ways to a winner give
-// bit-identical gradients. Race-free without atomics: a task owns one group of the
+// Backward from saved winners (the usual case with gradients): max_align_scatter.h gathers
+// each query token's gradient from its winners and scatters each key row's from the query
+// tokens it won, every gradient row summed by one task in a fixed order (bit-identical at any
+// thread count). Query tokens marked kTied are left to the tile path below, run only over the
+// tiles that hold one (their operands packed lazily).
+//
+// Backward by tiles (without saved winners, and for tied query tokens): every tile finds each
+// query token's winners from its C, recomputed (the same tiles and the same GEMM as the
+// forward, so the same values and the same ties). Exact ties share the gradient equally (as
+// torch's amax does). It then scatters: a t2i winner (image token r, word w) with coefficient
+// a adds a T[w] to dV[r] and a V[r] to dT[w] (i2t the same with the roles swapped). That is
+// 4 D flops per query token and item, 2/m (or 2/n) of the forward GEMM, so dense dS GEMMs
+// would cost more than they save. Race-free without atomics: a task owns one group of the
 // "parallel" side (images for t2i and both, captions for i2t, the side whose rows the
 // scattered winners hit, kept hot in L2) and runs it against every group of the other side,
 // whose gradient rows go to partials. Deterministic: the parallel side's groups are cut into
-// fixed chunks (two per thread), each with its own partial (chunk 0's is the zeroed gradient
+// fixed chunks (two per thread), each with its own partial (chunk 0's is the gradient
 // itself), run on one thread in order, and the partials are summed in chunk order after one
 // barrier (steps of several barriers only when chunks x partial rows exceed
 // kPartialBudget); so a given thread count gives bit-identical gradients from run to run,
@@ -65,6 +68,7 @@
 #include "cpu/max_align_amx.h"
 #include "cpu/max_align_gemm.h"
 #include "cpu/max_align_pool.h"
+#include "cpu/max_align_scatter.h"
 #include "cpu/max_align_screen.h"
 #include "cpu/max_align_tiles.h"
 
@@ -73,6 +77,7 @@ namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel {
 namespace {
 
 using max_tiles::Packed;
+using max_tiles::RowDest;
 
 // Tile targets (tokens): tiles hold C and both operand panels in L2.
 constexpr int64_t kTileRows = 400, kTileCols = 384;
@@ -154,8 +159,12 @@ void pack_int8_group(Plan& plan, int64_t k) {
 }
 #endif
 
+// How make_plan prepares the float32 GEMM operands: not at all (no tile's C will be needed),
+// lazily (per group, by the first tile that needs C: ensure_packed), or all at once.
+enum class Pack { kNone, kLazy, kNow };
+
 Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool transposed,
-               bool screen = false, bool pack = true) {
+               Pack pack, bool screen = false) {
   Plan plan;
   plan.si = transposed ? 1 : p.bt;
   plan.sj = transposed ? p.bi : 1;
@@ -179,9 +188,8 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
     const int64_t cols = plan.t.off[plan.cg[g + 1]] - plan.t.off[plan.cg[g]];
     plan.b_start[g + 1] = plan.b_start[g] + (cols + pad - 1) / pad * pad * d;
   }
-  // Without packing (a backward from winners with no ties), no tile's C can be computed.
-  plan.a = max_gemm::aligned_floats(pack ? plan.v.rows * d : 0);
-  plan.b = max_gemm::aligned_floats(pack ? plan.b_start[n_cg] : 0);
+  plan.a = max_gemm::aligned_floats(pack != Pack::kNone ? plan.v.rows * d : 0);
+  plan.b = max_gemm::aligned_floats(pack != Pack::kNone ? plan.b_start[n_cg] : 0);
 #if HATK_CPU_AVX512
   if (screen) {
     const int64_t multiple = p.amx ? max_amx::kWordsPerStep : 1;
@@ -194,9 +202,8 @@ Plan make_plan(const Problem& p, int64_t tile_rows, int64_t tile_cols, bool tran
 #else
   (void)screen;
 #endif
-  // A screened forward packs the float32 operands lazily (ensure_packed).
-  if (screen && pack) plan.lazy = std::make_unique<std::atomic<int>[]>(n_ig + n_cg);
-  const bool float32 = pack && !plan.lazy;
+  if (pack == Pack::kLazy) plan.lazy = std::make_unique<std::atomic<int>[]>(n_ig + n_cg);
+  const bool float32 = pack == Pack::kNow;
   const int64_t n_pack = float32 || screen ? n_ig + n_cg : 0;
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t k = 0; k < n_pack; ++k) {
@@ -339,21 +346,6 @@ bool pool_tile(const Problem& p, const Plan& plan, const Tile& t, const float* c
   return tied;
 }
 
-// Where a gradient row of one side goes: straight into the [items, max_len, d] gradient, or
-// into a chunk's partial holding the rows [first, ...) of one step.
-struct RowDest {
-  float* base;
-  const Packed* packed;
-  int64_t max_len, d, first;
-  bool direct;
-
-  float* row(int64_t r) const {
-    if (!direct) return base + (r - first) * d;
-    const int64_t b = packed->owner[r];
-    return base + (b * max_len + r - packed->off[b]) * d;
-  }
-};
-
 bool block_is_zero(const Plan& plan, const Tile& t, const float* g) {
   for (int64_t i = t.i0; i < t.i1; ++i)
     for (int64_t j = t.j0; j < t.j1; ++j)
@@ -361,14 +353,16 @@ bool block_is_zero(const Plan& plan, const Tile& t, const float* g) {
   return true;
 }
 
-// The similarities C of one tile, computed on first use (into a per-thread buffer): for every
-// tile without saved winners, only for a tile with a tied query token with them.
+// The similarities C of one tile, computed on first use (into a per-thread buffer).
 class TileC {
  public:
   TileC(const Plan& plan, const Tile& t, int64_t d, float* buf)
       : plan_(plan), t_(t), d_(d), buf_(buf) {}
   const float* get() {
-    if (!ready_) similarities(plan_, t_, d_, buf_);
+    if (!ready_) {
+      ensure_packed(plan_, t_);
+      similarities(plan_, t_, d_, buf_);
+    }
     ready_ = true;
     return buf_;
   }
@@ -381,26 +375,25 @@ class TileC {
   bool ready_ = false;
 };
 
-// Image i's saved t2i winners for the tile's words as a column argmax's idx and ties (one
-// winner each); false when one of them is tied (the caller then recomputes that image).
-bool load_t2i_winners(const Plan& plan, const Tile& t, int64_t i, const int32_t* t2i,
-                      int32_t* idx, int32_t* ties) {
-  const int32_t* src = t2i + i * plan.t.rows + t.w0;
-  int32_t low = 0;
-#pragma omp simd reduction(min : low)
-  for (int64_t w = 0; w < t.cols; ++w) {
-    idx[w] = src[w];
-    ties[w] = 1;
-    low = std::min(low, src[w]);
+// Whether tile t holds a query token marked kTied in the saved winners.
+bool has_tie(const Problem& p, const Plan& plan, const Tile& t,
+             const WinnersAt<const int32_t>& saved) {
+  bool tie = false;
+  for (int64_t i = t.i0; i < t.i1 && !tie; ++i) {
+    const int32_t* src = saved.t2i + i * plan.t.rows + t.w0;
+    for (int64_t w = 0; w < t.cols; ++w) tie = tie || src[w] == max_pool::kTied;
   }
-  return low >= 0;
+  for (int64_t r = t.r0; saved.i2t && r < t.r0 + t.rows && !tie; ++r)
+    for (int64_t j = t.j0; j < t.j1; ++j) tie = tie || saved.i2t[r * p.bt + j] == max_pool::kTied;
+  return tie;
 }
 
-// Scatters the gradient of tile t into dv / dt. Each query token's winner comes from the
-// saved winners where kept and not tied, else from the tile's similarities. Loop orders keep
-// the query token's rows in L1: t2i runs word by word over the tile's images (winners of all
-// images first: best/idx/ties [images, cols]), i2t image token by image token over the
-// captions. Exact ties share the gradient equally (torch's amax does the same).
+// Scatters the gradient of tile t into dv / dt, each query token's winners from the tile's
+// similarities; with saved winners (tied), only the query tokens marked kTied there (the
+// others were scattered from their saved winner). Loop orders keep the query token's rows in
+// L1: t2i runs word by word over the tile's images (winners of all images first:
+// best/idx/ties [images, cols]), i2t image token by image token over the captions. Exact ties
+// share the gradient equally (torch's amax does the same).
 struct Winners {
   float* best;
   int32_t* idx;
@@ -412,17 +405,14 @@ struct Winners {
 };
 
 void backward_tile(const Problem& p, const Plan& plan, const Tile& t, TileC& tile,
-                   const WinnersAt<const int32_t>& saved, const float* g, const Winners& win,
+                   const WinnersAt<const int32_t>& tied, const float* g, const Winners& win,
                    const RowDest& dv, const RowDest& dt) {
   const int64_t d = p.d;
   float* coef = win.coef;
+  const float* c = tile.get();
   if (p.direction != kI2T) {
-    const float* c = nullptr;  // set once an image needs the similarities
     for (int64_t i = t.i0; i < t.i1; ++i) {
       const int64_t o = (i - t.i0) * t.cols;
-      if (saved.t2i && load_t2i_winners(plan, t, i, saved.t2i, win.idx + o, win.ties + o))
-        continue;
-      c = tile.get();
       const float* ci = c + (plan.v.off[i] - t.r0) * t.cols;
       max_pool::column_argmax(ci, t.cols, p.image_lengths[i], t.cols, win.best + o,
                               win.idx + o, win.ties + o);
@@ -442,6 +432,7 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, TileC& til
         for (int64_t i = t.i0; i < t.i1; ++i) {
           const float a = coef[i - t.i0];
           if (a == 0.f) continue;
+          if (tied.t2i && tied.t2i[i * plan.t.rows + w] != max_pool::kTied) continue;
           const int64_t o = (i - t.i0) * t.cols + w - t.w0, vr0 = plan.v.off[i];
           if (win.ties[o] == 1) {
             const int64_t r = vr0 + win.idx[o];
@@ -473,16 +464,12 @@ void backward_tile(const Problem& p, const Plan& plan, const Tile& t, TileC& til
       for (int64_t r = vr0; r < vr0 + m; ++r) {
         const float* vr = plan.v_rows.row(r);
         float* dvr = dv.row(r);
-        const int32_t* sr = saved.i2t ? saved.i2t + r * p.bt : nullptr;
         for (int64_t j = t.j0; j < t.j1; ++j) {
           const float a = coef[j - t.j0];
           if (a == 0.f) continue;
+          if (tied.i2t && tied.i2t[r * p.bt + j] != max_pool::kTied) continue;
           const int64_t tw0 = plan.t.off[j], n = p.text_lengths[j];
-          if (sr && sr[j] != max_pool::kTied) {
-            max_pool::axpy2(dvr, plan.t_rows.row(tw0 + sr[j]), dt.row(tw0 + sr[j]), vr, a, d);
-            continue;
-          }
-          const float* seg = tile.get() + (r - t.r0) * t.cols + tw0 - t.w0;
+          const float* seg = c + (r - t.r0) * t.cols + tw0 - t.w0;
           int64_t ties = 1;
           const int64_t k = max_pool::segment_argmax(seg, n, ties);
           const float share = a / static_cast<float>(ties);
@@ -565,7 +552,8 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
 #else
   const bool screen = false;
 #endif
-  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, screen);
+  const Plan plan =
+      make_plan(p, kTileRows, kTileCols, transposed, screen ? Pack::kLazy : Pack::kNow, screen);
   const WinnersAt<int32_t> at = winners_at(p, plan, winners);
   bool tied = false;
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
@@ -625,17 +613,38 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
   if (winners) winners[max_align_winners_size(p) - 1] = tied ? 1 : 0;
 }
 
+// The backward from saved winners, their tied entries left out (max_align_scatter.h): t2i's
+// section has images as keys and words as queries, both's i2t section the reverse.
+void scatter_winners(const Problem& p, const Plan& plan, const WinnersAt<const int32_t>& saved,
+                     const float* g, float* grad_images, float* grad_texts) {
+  const int64_t d = p.d;
+  const max_scatter::Side images{&plan.v_rows, &plan.v, {grad_images, &plan.v, p.m_max, d, 0, true}};
+  const max_scatter::Side texts{&plan.t_rows, &plan.t, {grad_texts, &plan.t, p.n_max, d, 0, true}};
+  max_scatter::backward({images, texts, saved.t2i, plan.t.rows, 1, g, plan.si, plan.sj, p.mean,
+                         false}, d);
+  if (p.direction == kBoth)
+    max_scatter::backward({texts, images, saved.i2t, 1, p.bt, g, plan.sj, plan.si, p.mean, true},
+                          d);
+}
+
 void backward(const Problem& p, bool transposed, const float* grad_out, float* grad_images,
               float* grad_texts, const int32_t* winners) {
-  // The tiles of the forward (the same GEMM on the same operands gives the same C, so tied
-  // query tokens find the same ties); operands are packed only where a tile can need C.
+  // With saved winners: the scatter from them, then the tiles holding a tied query token
+  // (packed lazily, only those). Without: every tile. The tiles are the forward's (the same
+  // GEMM on the same operands gives the same C, so tied query tokens find the same ties).
   static_assert(kBackwardRows == kTileRows && kBackwardCols == kTileCols);
-  const bool pack = !winners || winners[max_align_winners_size(p) - 1] != 0;
-  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed, false, pack);
+  const bool tied = winners && winners[max_align_winners_size(p) - 1] != 0;
+  const Plan plan = make_plan(p, kBackwardRows, kBackwardCols, transposed,
+                              winners ? (tied ? Pack::kLazy : Pack::kNone) : Pack::kNow);
   const WinnersAt<const int32_t> saved = winners_at(p, plan, winners);
   const int64_t d = p.d;
-  std::fill(grad_images, grad_images + p.bi * p.m_max * d, 0.f);
-  std::fill(grad_texts, grad_texts + p.bt * p.n_max * d, 0.f);
+  if (winners) {
+    scatter_winners(p, plan, saved, grad_out, grad_images, grad_texts);
+    if (!tied) return;
+  } else {
+    std::fill(grad_images, grad_images + p.bi * p.m_max * d, 0.f);
+    std::fill(grad_texts, grad_texts + p.bt * p.n_max * d, 0.f);
+  }
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
   // The parallel side owns its gradient rows; the outer side goes through partials, which
@@ -707,6 +716,7 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
           for (int64_t o = steps[s]; o < steps[s + 1]; ++o) {
             const Tile t = images_parallel ? tile_of(plan, k, o) : tile_of(plan, o, k);
             if (block_is_zero(plan, t, grad_out)) continue;
+            if (winners && !has_tie(p, plan, t, saved)) continue;
             TileC tile(plan, t, d, c.get());
             backward_tile(p, plan, t, tile, saved, grad_out, win,
                           images_parallel ? dv_direct : to_partial,

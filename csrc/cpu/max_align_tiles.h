@@ -20,6 +20,20 @@ struct Packed {
   int64_t rows = 0;
 };
 
+// Where a gradient row of one side goes: straight into the [items, max_len, d] gradient, or
+// into a chunk's partial holding the rows [first, ...) of one step.
+struct RowDest {
+  float* base;
+  const Packed* packed;
+  int64_t max_len, d, first;
+  bool direct;
+  float* row(int64_t r) const {
+    if (!direct) return base + (r - first) * d;
+    const int64_t b = packed->owner[r];
+    return base + (b * max_len + r - packed->off[b]) * d;
+  }
+};
+
 inline void check_lengths(const int64_t* len, int64_t items, int64_t max_len, const char* name) {
   for (int64_t b = 0; b < items; ++b) {
     if (len[b] < 1 || len[b] > max_len) {

@@ -1,9 +1,11 @@
 """The cpu backend's max-pooling backward from saved winners.
 
 With gradients, the forward keeps every query token's winner when they fit ``memory_budget``,
-and the backward scatters from them; otherwise (a tiny budget) it recomputes the similarities.
-Both paths must give the float64 reference's gradients, and the same gradients bit for bit
-(same tiles, same chunks, same order of additions), exact ties shared equally either way.
+and the backward gathers and scatters from them (tied query tokens from their tile's
+recomputed similarities); otherwise (a tiny budget) it recomputes every tile's similarities.
+Both paths must give the float64 reference's gradients and the same gradients up to the order
+of float32 additions, exact ties shared equally either way; the winners path gives the same
+bits at any thread count.
 """
 
 from __future__ import annotations
@@ -55,9 +57,12 @@ def _run(v, t, vl, tl, direction, reduce, budget, cot=None):
 
 
 def _assert_same_results(a, b):
-    """Scores and gradients of two runs bit-identical (NaN where the other has NaN)."""
-    for x, y in zip(a[:1] + a[2:], b[:1] + b[2:]):
-        torch.testing.assert_close(x, y, rtol=0, atol=0, equal_nan=True)
+    """Scores of two runs bit-identical, gradients equal up to the order of float32 additions
+    (NaN where the other has NaN)."""
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=0, equal_nan=True)
+    for x, y in zip(a[2:], b[2:]):
+        scale = float(y.nan_to_num().abs().max())
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6 * scale, equal_nan=True)
 
 
 def _inputs(case):
@@ -77,7 +82,7 @@ def test_winners_give_the_reference_gradients(shape, direction, reduce, backward
 
 @pytest.mark.parametrize("direction,reduce", SETTINGS)
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_winners_and_recompute_agree_bit_for_bit(shape, direction, reduce):
+def test_winners_and_recompute_agree(shape, direction, reduce):
     n_images, n_texts, level = SHAPES[shape]
     v, t, vl, tl = _inputs(make_case(43, n_images, n_texts, [level]))
     kept = _run(v, t, vl, tl, direction, reduce, WINNERS)
@@ -87,6 +92,25 @@ def test_winners_and_recompute_agree_bit_for_bit(shape, direction, reduce):
     with torch.no_grad():
         plain, nothing = max_align(v, t, vl, tl, direction, reduce, "cpu", WINNERS, False)
     assert nothing.numel() == 0 and torch.equal(plain, kept[0])
+
+
+@pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
+def test_winners_path_is_bit_identical_at_any_thread_count(direction):
+    """Every gradient row is summed by one task in an order fixed by the inputs (blocks of
+    about 700 rows of 1 KiB each way here, so the threads share several)."""
+    v, t, vl, tl = _inputs(make_case(71, 60, 200, [(49, 32, 256)]))  # several blocks each way
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            runs.append(_run(v, t, vl, tl, direction, "mean", WINNERS))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0][1].numel() > 0 and runs[0][1][-1] == 0  # winners kept, none tied
+    for other in runs[1:]:
+        for x, y in zip(runs[0][2:], other[2:]):
+            assert torch.equal(x, y)
 
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])

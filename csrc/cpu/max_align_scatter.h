@@ -1,0 +1,214 @@
+// Max pooling backward from saved winners without ties (layout: max_align_kernel.h): two
+// passes, each parallel over the gradient rows it writes.
+//
+// A section of winners gives, for every key item k and query token q (a valid token of the
+// other side), the row win(k, q) of item k that q's maximum comes from. With a(k, q) the
+// output gradient of (k, q's item) over the mean's count:
+//   gather:  dQ[q]            = sum over key items k of a(k, q) K[k][win(k, q)]
+//   scatter: dK[k][win(k, q)] = sum over query tokens q of a(k, q) Q[q]
+// t2i is one section (keys: images, queries: words; i2t runs as t2i of (texts, images));
+// both adds a second one with the roles swapped (keys: captions, queries: image tokens).
+//
+// Gather: a task owns a block of whole query items (kQueryBytes of query rows) and runs it
+// against blocks of key items (kKeyBytes); both blocks stay in L2, and each query token's sum
+// runs in registers, kChunk floats at a time, over the key block's items in order.
+// Scatter: a task owns a block of whole key items and runs it against blocks of query tokens;
+// per key item and query block, the tokens are counting-sorted by winner (stable), and each
+// winner row's bucket is summed in registers and added to its gradient row once.
+// Each pair thus reads one row of each side, from L2, and stores nothing. No gradient row is
+// written by two tasks (no partials, no atomics), and every sum runs in an order fixed by the
+// inputs alone, so the gradients are bit-identical at any thread count. Pairs whose output
+// gradient is zero are skipped.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/max_align_gemm.h"
+#include "cpu/max_align_pool.h"
+#include "cpu/max_align_tiles.h"
+
+namespace hatkernels::cpu::HATK_CPU_LEVEL::max_scatter {
+
+using max_tiles::Packed;
+using max_tiles::RowDest;
+
+// A running sum is kVectors vectors of 16 floats kept in registers (8 zmm with AVX-512, 8 ymm
+// with AVX2). Vector extensions, since GCC leaves the `omp simd` form of this loop scalar.
+typedef float Vec __attribute__((vector_size(64), aligned(4)));
+#if HATK_CPU_AVX512
+constexpr int64_t kVectors = 8;
+#else
+constexpr int64_t kVectors = 4;
+#endif
+constexpr int64_t kChunk = 16 * kVectors;
+// Block sizes (bytes of float32 rows) kept in L2 together: key items and query tokens.
+constexpr int64_t kKeyBytes = int64_t{768} << 10, kQueryBytes = int64_t{640} << 10;
+
+// One side of a section: its valid rows and their gradient rows (direct).
+struct Side {
+  const max_gemm::Rows* rows;
+  const Packed* packed;
+  RowDest grad;
+};
+
+struct Section {
+  Side keys, queries;
+  const int32_t* win;  // win(k, q) = win[k * win_k + q * win_q]
+  int64_t win_k, win_q;
+  const float* g;  // output gradient of (key item k, query item j) at g[k * g_k + j * g_q]
+  int64_t g_k, g_q;
+  bool mean;  // divide by the query item's length
+  bool add;   // add into the gradients; else overwrite them (padding rows zeroed)
+
+  int64_t winner(int64_t k, int64_t q) const { return win[k * win_k + q * win_q]; }
+  float coef(int64_t k, int64_t j) const {
+    const float a = g[k * g_k + j * g_q];
+    if (!mean) return a;
+    const std::vector<int64_t>& off = queries.packed->off;
+    return a / static_cast<float>(off[j + 1] - off[j]);
+  }
+};
+
+// out = (overwrite ? 0 : out) + sum over p < n of c[p] x[p], summed in order, kChunk floats at
+// a time in registers.
+inline void sum_rows(float* __restrict out, int64_t n, const float* const* x, const float* c,
+                     int64_t d, bool overwrite) {
+  int64_t k0 = 0;
+  for (; k0 + kChunk <= d; k0 += kChunk) {
+    Vec acc[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v)
+      acc[v] = overwrite ? Vec{} : *reinterpret_cast<const Vec*>(out + k0 + 16 * v);
+    for (int64_t p = 0; p < n; ++p) {
+      const float* xp = x[p] + k0;
+      const float cp = c[p];
+      for (int64_t v = 0; v < kVectors; ++v)
+        acc[v] += cp * *reinterpret_cast<const Vec*>(xp + 16 * v);
+    }
+    for (int64_t v = 0; v < kVectors; ++v) *reinterpret_cast<Vec*>(out + k0 + 16 * v) = acc[v];
+  }
+  if (k0 == d) return;
+  const int64_t len = d - k0;
+  float acc[kChunk];
+  for (int64_t k = 0; k < len; ++k) acc[k] = overwrite ? 0.f : out[k0 + k];
+  for (int64_t p = 0; p < n; ++p)
+#pragma omp simd
+    for (int64_t k = 0; k < len; ++k) acc[k] += c[p] * x[p][k0 + k];
+  for (int64_t k = 0; k < len; ++k) out[k0 + k] = acc[k];
+}
+
+// Runs of whole items holding at most `bytes` of float32 rows (at least one item each).
+inline std::vector<int64_t> blocks(const Packed& packed, int64_t bytes, int64_t d) {
+  return max_tiles::group_items(packed.off, std::max<int64_t>(1, bytes / (4 * d)));
+}
+
+// dQ of one section (see the top of this file).
+inline void gather(const Section& s, int64_t d) {
+  const Packed& kp = *s.keys.packed;
+  const Packed& qp = *s.queries.packed;
+  const std::vector<int64_t> kb = blocks(kp, kKeyBytes, d), qb = blocks(qp, kQueryBytes, d);
+  const int64_t n_qb = static_cast<int64_t>(qb.size()) - 1;
+  int64_t most_keys = 1;
+  for (size_t b = 0; b + 1 < kb.size(); ++b) most_keys = std::max(most_keys, kb[b + 1] - kb[b]);
+#pragma omp parallel
+  {
+    std::vector<float> coef(most_keys), c(most_keys);
+    std::vector<const float*> x(most_keys);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < n_qb; ++b) {
+      if (!s.add) {
+        for (int64_t j = qb[b]; j < qb[b + 1]; ++j) {
+          const int64_t len = qp.off[j + 1] - qp.off[j];
+          float* item = s.queries.grad.base + j * s.queries.grad.max_len * d;
+          std::fill(item + len * d, item + s.queries.grad.max_len * d, 0.f);
+        }
+      }
+      for (size_t kk = 0; kk + 1 < kb.size(); ++kk) {
+        const int64_t k0 = kb[kk], k1 = kb[kk + 1];
+        for (int64_t j = qb[b]; j < qb[b + 1]; ++j) {
+          for (int64_t k = k0; k < k1; ++k) coef[k - k0] = s.coef(k, j);
+          for (int64_t q = qp.off[j]; q < qp.off[j + 1]; ++q) {
+            int64_t n = 0;
+            for (int64_t k = k0; k < k1; ++k) {
+              const int64_t r = s.winner(k, q);
+              if (coef[k - k0] == 0.f || r == max_pool::kTied) continue;
+              x[n] = s.keys.rows->row(kp.off[k] + r);
+              c[n++] = coef[k - k0];
+            }
+            sum_rows(s.queries.grad.row(q), n, x.data(), c.data(), d, kk == 0 && !s.add);
+          }
+        }
+      }
+    }
+  }
+}
+
+// dK of one section (see the top of this file).
+inline void scatter(const Section& s, int64_t d) {
+  const Packed& kp = *s.keys.packed;
+  const Packed& qp = *s.queries.packed;
+  const std::vector<int64_t> kb = blocks(kp, kKeyBytes, d), qb = blocks(qp, kQueryBytes, d);
+  const int64_t n_kb = static_cast<int64_t>(kb.size()) - 1;
+  int64_t most_rows = 1;
+  for (size_t b = 0; b + 1 < qb.size(); ++b)
+    most_rows = std::max(most_rows, qp.off[qb[b + 1]] - qp.off[qb[b]]);
+#pragma omp parallel
+  {
+    std::vector<int64_t> start(s.keys.grad.max_len + 1);
+    std::vector<int32_t> order(most_rows);
+    std::vector<float> coef(qp.off.size()), c(most_rows);
+    std::vector<const float*> x(most_rows);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < n_kb; ++b) {
+      if (!s.add) {
+        float* first = s.keys.grad.base + kb[b] * s.keys.grad.max_len * d;
+        std::fill(first, first + (kb[b + 1] - kb[b]) * s.keys.grad.max_len * d, 0.f);
+      }
+      for (size_t qq = 0; qq + 1 < qb.size(); ++qq) {
+        const int64_t q0 = qp.off[qb[qq]], q1 = qp.off[qb[qq + 1]];
+        for (int64_t k = kb[b]; k < kb[b + 1]; ++k) {
+          const int64_t m = kp.off[k + 1] - kp.off[k];
+          bool any = false;
+          for (int64_t j = qb[qq]; j < qb[qq + 1]; ++j) {
+            coef[j] = s.coef(k, j);
+            any = any || coef[j] != 0.f;
+          }
+          if (!any) continue;
+          // Stable counting sort of the block's tokens by winner: bucket r is
+          // order[start[r] .. start[r + 1]).
+          std::fill(start.begin(), start.begin() + m + 1, 0);
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t r = s.winner(k, q);
+            if (coef[qp.owner[q]] != 0.f && r != max_pool::kTied) ++start[r + 1];
+          }
+          for (int64_t r = 0; r < m; ++r) start[r + 1] += start[r];
+          for (int64_t q = q0; q < q1; ++q) {
+            const int64_t r = s.winner(k, q);
+            if (coef[qp.owner[q]] != 0.f && r != max_pool::kTied) order[start[r]++] = static_cast<int32_t>(q);
+          }
+          // start[r] is now the end of bucket r.
+          for (int64_t r = 0, begin = 0; r < m; begin = start[r++]) {
+            const int64_t n = start[r] - begin;
+            if (n == 0) continue;
+            for (int64_t e = 0; e < n; ++e) {
+              const int64_t q = order[begin + e];
+              x[e] = s.queries.rows->row(q);
+              c[e] = coef[qp.owner[q]];
+            }
+            sum_rows(s.keys.grad.row(kp.off[k] + r), n, x.data(), c.data(), d, false);
+          }
+        }
+      }
+    }
+  }
+}
+
+inline void backward(const Section& s, int64_t d) {
+  gather(s, d);
+  scatter(s, d);
+}
+
+}  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_scatter
