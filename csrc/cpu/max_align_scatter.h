@@ -113,6 +113,8 @@ inline void gather(const Section& s, int64_t d) {
   const int64_t n_qb = static_cast<int64_t>(qb.size()) - 1;
   int64_t most_keys = 1;
   for (size_t b = 0; b + 1 < kb.size(); ++b) most_keys = std::max(most_keys, kb[b + 1] - kb[b]);
+  std::vector<const float*> first_row(kp.off.size() - 1);  // an item's valid rows are contiguous
+  for (size_t k = 0; k < first_row.size(); ++k) first_row[k] = s.keys.rows->row(kp.off[k]);
 #pragma omp parallel
   {
     std::vector<float> coef(most_keys), c(most_keys);
@@ -135,7 +137,7 @@ inline void gather(const Section& s, int64_t d) {
             for (int64_t k = k0; k < k1; ++k) {
               const int64_t r = s.winner(k, q);
               if (coef[k - k0] == 0.f || r == max_pool::kTied) continue;
-              x[n] = s.keys.rows->row(kp.off[k] + r);
+              x[n] = first_row[k] + r * d;
               c[n++] = coef[k - k0];
             }
             sum_rows(s.queries.grad.row(q), n, x.data(), c.data(), d, kk == 0 && !s.add);
