@@ -36,15 +36,36 @@ namespace hatkernels::cpu::HATK_CPU_LEVEL::max_scatter {
 using max_tiles::Packed;
 using max_tiles::RowDest;
 
-// A running sum is kVectors vectors of 16 floats kept in registers (8 zmm with AVX-512, 8 ymm
-// with AVX2). Vector extensions, since GCC leaves the `omp simd` form of this loop scalar.
-typedef float Vec __attribute__((vector_size(64), aligned(4)));
+// A running sum is kVectors vectors of kLanes floats kept in registers, added to with fused
+// multiply-adds (the build turns off contraction, and the passes are bound by the FMA ports
+// once their rows come from L2).
 #if HATK_CPU_AVX512
-constexpr int64_t kVectors = 8;
+using Vec = __m512;
+constexpr int64_t kLanes = 16, kVectors = 8;
+inline Vec vzero() { return _mm512_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
+inline Vec vmadd(float a, const float* x, Vec acc) {
+  return _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_loadu_ps(x), acc);
+}
+#elif HATK_CPU_AVX2
+using Vec = __m256;
+constexpr int64_t kLanes = 8, kVectors = 8;
+inline Vec vzero() { return _mm256_setzero_ps(); }
+inline Vec vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, Vec v) { _mm256_storeu_ps(p, v); }
+inline Vec vmadd(float a, const float* x, Vec acc) {
+  return _mm256_fmadd_ps(_mm256_set1_ps(a), _mm256_loadu_ps(x), acc);
+}
 #else
-constexpr int64_t kVectors = 4;
+typedef float Vec __attribute__((vector_size(16), aligned(4)));
+constexpr int64_t kLanes = 4, kVectors = 8;
+inline Vec vzero() { return Vec{}; }
+inline Vec vload(const float* p) { return *reinterpret_cast<const Vec*>(p); }
+inline void vstore(float* p, Vec v) { *reinterpret_cast<Vec*>(p) = v; }
+inline Vec vmadd(float a, const float* x, Vec acc) { return acc + a * vload(x); }
 #endif
-constexpr int64_t kChunk = 16 * kVectors;
+constexpr int64_t kChunk = kLanes * kVectors;
 // Block sizes (bytes of float32 rows) kept in L2 together: key items and query tokens.
 constexpr int64_t kKeyBytes = int64_t{768} << 10, kQueryBytes = int64_t{640} << 10;
 
@@ -81,14 +102,10 @@ inline void sum_rows(float* __restrict out, int64_t n, const float* const* x, co
   for (; k0 + kChunk <= d; k0 += kChunk) {
     Vec acc[kVectors];
     for (int64_t v = 0; v < kVectors; ++v)
-      acc[v] = overwrite ? Vec{} : *reinterpret_cast<const Vec*>(out + k0 + 16 * v);
-    for (int64_t p = 0; p < n; ++p) {
-      const float* xp = x[p] + k0;
-      const float cp = c[p];
-      for (int64_t v = 0; v < kVectors; ++v)
-        acc[v] += cp * *reinterpret_cast<const Vec*>(xp + 16 * v);
-    }
-    for (int64_t v = 0; v < kVectors; ++v) *reinterpret_cast<Vec*>(out + k0 + 16 * v) = acc[v];
+      acc[v] = overwrite ? vzero() : vload(out + k0 + kLanes * v);
+    for (int64_t p = 0; p < n; ++p)
+      for (int64_t v = 0; v < kVectors; ++v) acc[v] = vmadd(c[p], x[p] + k0 + kLanes * v, acc[v]);
+    for (int64_t v = 0; v < kVectors; ++v) vstore(out + k0 + kLanes * v, acc[v]);
   }
   if (k0 == d) return;
   const int64_t len = d - k0;
