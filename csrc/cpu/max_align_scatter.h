@@ -122,6 +122,13 @@ inline std::vector<int64_t> blocks(const Packed& packed, int64_t bytes, int64_t 
   return max_tiles::group_items(packed.off, std::max<int64_t>(1, bytes / (4 * d)));
 }
 
+// The first valid row of every item of a side (an item's valid rows are contiguous).
+inline std::vector<const float*> first_rows(const Side& side) {
+  std::vector<const float*> first(side.packed->off.size() - 1);
+  for (size_t k = 0; k < first.size(); ++k) first[k] = side.rows->row(side.packed->off[k]);
+  return first;
+}
+
 // dQ of one section (see the top of this file).
 inline void gather(const Section& s, int64_t d) {
   const Packed& kp = *s.keys.packed;
@@ -130,8 +137,7 @@ inline void gather(const Section& s, int64_t d) {
   const int64_t n_qb = static_cast<int64_t>(qb.size()) - 1;
   int64_t most_keys = 1;
   for (size_t b = 0; b + 1 < kb.size(); ++b) most_keys = std::max(most_keys, kb[b + 1] - kb[b]);
-  std::vector<const float*> first_row(kp.off.size() - 1);  // an item's valid rows are contiguous
-  for (size_t k = 0; k < first_row.size(); ++k) first_row[k] = s.keys.rows->row(kp.off[k]);
+  const std::vector<const float*> key_row = first_rows(s.keys);
 #pragma omp parallel
   {
     std::vector<float> coef(most_keys), c(most_keys);
@@ -154,7 +160,7 @@ inline void gather(const Section& s, int64_t d) {
             for (int64_t k = k0; k < k1; ++k) {
               const int64_t r = s.winner(k, q);
               if (coef[k - k0] == 0.f || r == max_pool::kTied) continue;
-              x[n] = first_row[k] + r * d;
+              x[n] = key_row[k] + r * d;
               c[n++] = coef[k - k0];
             }
             sum_rows(s.queries.grad.row(q), n, x.data(), c.data(), d, kk == 0 && !s.add);
@@ -170,6 +176,7 @@ inline void scatter(const Section& s, int64_t d) {
   const Packed& kp = *s.keys.packed;
   const Packed& qp = *s.queries.packed;
   const std::vector<int64_t> kb = blocks(kp, kKeyBytes, d), qb = blocks(qp, kQueryBytes, d);
+  const std::vector<const float*> query_row = first_rows(s.queries);
   const int64_t n_kb = static_cast<int64_t>(kb.size()) - 1;
   int64_t most_rows = 1;
   for (size_t b = 0; b + 1 < qb.size(); ++b)
@@ -177,7 +184,6 @@ inline void scatter(const Section& s, int64_t d) {
 #pragma omp parallel
   {
     std::vector<int64_t> start(s.keys.grad.max_len + 1);
-    std::vector<int32_t> order(most_rows);
     std::vector<float> coef(qp.off.size()), c(most_rows);
     std::vector<const float*> x(most_rows);
 #pragma omp for schedule(dynamic, 1)
@@ -187,37 +193,40 @@ inline void scatter(const Section& s, int64_t d) {
         std::fill(first, first + (kb[b + 1] - kb[b]) * s.keys.grad.max_len * d, 0.f);
       }
       for (size_t qq = 0; qq + 1 < qb.size(); ++qq) {
-        const int64_t q0 = qp.off[qb[qq]], q1 = qp.off[qb[qq + 1]];
+        const int64_t j0 = qb[qq], j1 = qb[qq + 1];
         for (int64_t k = kb[b]; k < kb[b + 1]; ++k) {
           const int64_t m = kp.off[k + 1] - kp.off[k];
           bool any = false;
-          for (int64_t j = qb[qq]; j < qb[qq + 1]; ++j) {
+          for (int64_t j = j0; j < j1; ++j) {
             coef[j] = s.coef(k, j);
             any = any || coef[j] != 0.f;
           }
           if (!any) continue;
-          // Stable counting sort of the block's tokens by winner: bucket r is
-          // order[start[r] .. start[r + 1]).
+          // Stable counting sort of the block's tokens by winner, straight into the rows and
+          // coefficients sum_rows takes: bucket r is [start[r], start[r + 1]).
           std::fill(start.begin(), start.begin() + m + 1, 0);
-          for (int64_t q = q0; q < q1; ++q) {
-            const int64_t r = s.winner(k, q);
-            if (coef[qp.owner[q]] != 0.f && r != max_pool::kTied) ++start[r + 1];
+          for (int64_t j = j0; j < j1; ++j) {
+            if (coef[j] == 0.f) continue;
+            for (int64_t q = qp.off[j]; q < qp.off[j + 1]; ++q) {
+              const int64_t r = s.winner(k, q);
+              if (r != max_pool::kTied) ++start[r + 1];
+            }
           }
           for (int64_t r = 0; r < m; ++r) start[r + 1] += start[r];
-          for (int64_t q = q0; q < q1; ++q) {
-            const int64_t r = s.winner(k, q);
-            if (coef[qp.owner[q]] != 0.f && r != max_pool::kTied) order[start[r]++] = static_cast<int32_t>(q);
+          for (int64_t j = j0; j < j1; ++j) {
+            if (coef[j] == 0.f) continue;
+            for (int64_t q = qp.off[j]; q < qp.off[j + 1]; ++q) {
+              const int64_t r = s.winner(k, q);
+              if (r == max_pool::kTied) continue;
+              x[start[r]] = query_row[j] + (q - qp.off[j]) * d;
+              c[start[r]++] = coef[j];
+            }
           }
           // start[r] is now the end of bucket r.
           for (int64_t r = 0, begin = 0; r < m; begin = start[r++]) {
-            const int64_t n = start[r] - begin;
-            if (n == 0) continue;
-            for (int64_t e = 0; e < n; ++e) {
-              const int64_t q = order[begin + e];
-              x[e] = s.queries.rows->row(q);
-              c[e] = coef[qp.owner[q]];
-            }
-            sum_rows(s.keys.grad.row(kp.off[k] + r), n, x.data(), c.data(), d, false);
+            if (start[r] == begin) continue;
+            sum_rows(s.keys.grad.row(kp.off[k] + r), start[r] - begin, x.data() + begin,
+                     c.data() + begin, d, false);
           }
         }
       }
