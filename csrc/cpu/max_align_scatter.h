@@ -41,7 +41,7 @@ using max_tiles::RowDest;
 // once their rows come from L2).
 #if HATK_CPU_AVX512
 using Vec = __m512;
-constexpr int64_t kLanes = 16, kVectors = 8;
+constexpr int64_t kLanes = 16, kVectors = 4;
 inline Vec vzero() { return _mm512_setzero_ps(); }
 inline Vec vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, Vec v) { _mm512_storeu_ps(p, v); }
