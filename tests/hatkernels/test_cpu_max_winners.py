@@ -113,6 +113,33 @@ def test_winners_path_is_bit_identical_at_any_thread_count(direction):
             assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_winners_path_over_many_blocks_matches_float64_from_the_same_winners(reduce):
+    """Shapes that split both passes into several blocks each way (blocks of about 700 rows of
+    1 KiB): the gradients equal a float64 gather/scatter from the very winners the forward
+    kept, so the blocking loses and repeats no pair."""
+    from hatkernels import _C_cpu
+
+    v, t, vl, tl = _inputs(make_case(73, 40, 150, [(49, 32, 256)]))
+    v, t = v.nan_to_num(), t.nan_to_num()
+    g = torch.randn(40, 150, generator=torch.Generator().manual_seed(2))
+    _, winners = _C_cpu.max_align_forward_winners(v, t, vl, tl, 0, reduce == "mean", 1 << 30)
+    assert winners[-1] == 0  # none tied: the two passes alone
+    gv, gt = _C_cpu.max_align_backward(g, v, t, vl, tl, 0, reduce == "mean", winners)
+    words = torch.arange(t.shape[1]) < tl[:, None]  # [Bt, n] valid words, packed in this order
+    caption = torch.arange(150)[:, None].expand_as(words)[words]
+    t_rows = t[words].double()
+    win = winners[:-1].view(40, -1).long()  # [Bi, words]: row within the image
+    ref_v, ref_t = torch.zeros_like(v, dtype=torch.float64), torch.zeros_like(t_rows)
+    for i in range(40):
+        a = g[i, caption].double() / (tl[caption].double() if reduce == "mean" else 1.0)
+        ref_t += a[:, None] * v[i].double()[win[i]]
+        ref_v[i].index_add_(0, win[i], a[:, None] * t_rows)
+    torch.testing.assert_close(gv.double(), ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gt[words].double(), ref_t, rtol=1e-5, atol=1e-5)
+    assert (gt[~words] == 0).all()
+
+
 @pytest.mark.parametrize("direction", ["t2i", "i2t", "both"])
 def test_winners_size_is_one_per_query_token_and_pair(direction):
     v, t, vl, tl = _inputs(make_case(47, 5, 7, [(6, 8, 4)]))
