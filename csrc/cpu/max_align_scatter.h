@@ -1,5 +1,6 @@
-// Max pooling backward from saved winners without ties (layout: max_align_kernel.h): two
-// passes, each parallel over the gradient rows it writes.
+// Max pooling backward from saved winners (layout: max_align_kernel.h): two passes, each
+// parallel over the gradient rows it writes. Entries marked kTied are left out (the caller
+// adds their gradients from their tiles' recomputed similarities).
 //
 // A section of winners gives, for every key item k and query token q (a valid token of the
 // other side), the row win(k, q) of item k that q's maximum comes from. With a(k, q) the
