@@ -117,19 +117,22 @@ def test_winners_path_is_bit_identical_at_any_thread_count(direction):
 def test_winners_path_over_many_blocks_matches_float64_from_the_same_winners(reduce):
     """Shapes that split both passes into several blocks each way (blocks of about 700 rows of
     1 KiB): the gradients equal a float64 gather/scatter from the very winners the forward
-    kept, so the blocking loses and repeats no pair."""
+    kept, so the blocking loses and repeats no pair. (Random float32 data may hold a few exact
+    ties; the pairs holding one get a zero output gradient here, so both sides skip them.)"""
     from hatkernels import _C_cpu
 
     v, t, vl, tl = _inputs(make_case(73, 40, 150, [(49, 32, 256)]))
     v, t = v.nan_to_num(), t.nan_to_num()
     g = torch.randn(40, 150, generator=torch.Generator().manual_seed(2))
     _, winners = _C_cpu.max_align_forward_winners(v, t, vl, tl, 0, reduce == "mean", 1 << 30)
-    assert winners[-1] == 0  # none tied: the two passes alone
-    gv, gt = _C_cpu.max_align_backward(g, v, t, vl, tl, 0, reduce == "mean", winners)
     words = torch.arange(t.shape[1]) < tl[:, None]  # [Bt, n] valid words, packed in this order
     caption = torch.arange(150)[:, None].expand_as(words)[words]
-    t_rows = t[words].double()
-    win = winners[:-1].view(40, -1).long()  # [Bi, words]: row within the image
+    win = winners[:-1].view(40, -1).long()  # [Bi, words]: row within the image, or -1: tied
+    tied = win < 0
+    g[tied.nonzero()[:, 0], caption[tied.nonzero()[:, 1]]] = 0.0
+    assert tied.float().mean() < 1e-3 and (g != 0).float().mean() > 0.99
+    gv, gt = _C_cpu.max_align_backward(g, v, t, vl, tl, 0, reduce == "mean", winners)
+    t_rows, win = t[words].double(), win.clamp(min=0)
     ref_v, ref_t = torch.zeros_like(v, dtype=torch.float64), torch.zeros_like(t_rows)
     for i in range(40):
         a = g[i, caption].double() / (tl[caption].double() if reduce == "mean" else 1.0)
