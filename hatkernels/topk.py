@@ -20,13 +20,24 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .api import DEFAULT_MEMORY_BUDGET, LengthsArg, hier_align
+from . import topk_prune
+from .api import (
+    DEFAULT_MEMORY_BUDGET,
+    LengthsArg,
+    _as_lengths,
+    _as_levels,
+    _check_weights,
+    hier_align,
+)
 from .store import TokenStore
 
 QUERIES = ("texts", "images")
 MAX_GALLERY = (1 << 32) - 2  # the key holds 32 bits of index; 2**32 - 1 is the padding slot
 NAN_KEY = -(1 << 31)  # below the key of -inf
 CHUNK_BYTES = 64 << 20  # default working size of one chunk's scores and keys
+PAD_KEY = torch.iinfo(torch.int64).min  # an empty slot: below every key
+PRUNE_BLOCK = 64  # queries scored together when pruning
+PRUNE_SHARE = 0.5  # pruning stops once a chunk keeps more than this share of its pairs
 
 Gallery = Tensor | Sequence[Tensor] | TokenStore
 
@@ -47,8 +58,8 @@ def _keys(values: Tensor, index: Tensor) -> Tensor:
     return bits * (1 << 32) + ((1 << 32) - 1 - index)
 
 
-def _chunk_keys(scores: Tensor, first: int, k: int) -> Tensor:
-    """Keys of the ``k`` best of ``scores`` ``[Bq, c]`` (items ``first .. first + c - 1``).
+def _chunk_keys(scores: Tensor, index: Tensor, k: int) -> Tensor:
+    """Keys of the ``k`` best of ``scores`` ``[Bq, c]`` (column ``j``: gallery item ``index[j]``).
 
     A float top-k of ``k + 1`` picks them; only rows whose ``k``-th and ``k + 1``-th values
     are equal (a tie at the cut, NaN or -inf included) are keyed in full, so the common case
@@ -58,12 +69,12 @@ def _chunk_keys(scores: Tensor, first: int, k: int) -> Tensor:
     v = scores.float()
     ranked = v.nan_to_num(nan=-torch.inf, posinf=torch.inf, neginf=-torch.inf)
     top = ranked.topk(min(k + 1, c), dim=1)
-    index = top.indices[:, :k]
-    keys = _keys(v.gather(1, index), index + first)
+    cols = top.indices[:, :k]
+    keys = _keys(v.gather(1, cols), index[cols])
     if c > k:
         tied = (top.values[:, k] == top.values[:, k - 1]).nonzero().squeeze(1)
         if len(tied):
-            every = torch.arange(first, first + c, device=v.device).expand(len(tied), -1)
+            every = index.expand(len(tied), -1)
             keys[tied] = _keys(v[tied], every).topk(k, dim=1).values
     return keys
 
@@ -177,6 +188,7 @@ def hier_topk(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     group=None,
     chunk: int | None = None,
+    prune: bool = True,
 ) -> TopK:
     """The ``k`` best gallery items of every query item, exactly as ``hier_align`` ranks them.
 
@@ -200,6 +212,11 @@ def hier_topk(
             merged result, identical to one process scoring the whole gallery.
         chunk: gallery items per ``hier_align`` call (default: about 64 MiB of scores and
             keys); a store's chunks also end at its shard boundaries.
+        prune: with max pooling (``t2i`` or ``i2t``) on the cpu backend where the CPU screens
+            with int8 codes, bound every score of a chunk first and score exactly, per block
+            of queries, only the items that can still enter a query's top ``k``; the result
+            is the same. It stops for the rest of the call once a chunk keeps more than half
+            of its pairs (bounds too loose for the data to pay).
 
     Returns:
         :class:`TopK` ``(values, indices)``: ``values`` float32 ``[Bq, k]`` descending (float64
@@ -215,6 +232,8 @@ def hier_topk(
         raise TypeError(f"k: expected an int, got {type(k).__name__}")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+    if not isinstance(prune, bool):
+        raise TypeError(f"prune: expected a bool, got {type(prune).__name__}")
     gname, qname = ("images", "texts") if query == "texts" else ("texts", "images")
     gallery, queries = (images, texts) if query == "texts" else (texts, images)
     glengths = image_lengths if query == "texts" else text_lengths
@@ -238,22 +257,75 @@ def hier_topk(
     scoring = dict(pooling=pooling, direction=direction, reduce=reduce,
                    lambda_softmax=lambda_softmax, weights=weights, backend=backend,
                    memory_budget=memory_budget)
-    best = None
-    for start, levels, lens in _chunks(gallery, glengths, chunk, offset, gname, first):
+    q_levels = _as_levels(queries, qname)
+    q_lengths = _as_lengths(text_lengths if query == "texts" else image_lengths, q_levels,
+                            f"{qname[:-1]}_lengths")
+
+    def score(g_levels: list[Tensor], g_lengths: list[Tensor], rows: slice) -> Tensor:
+        """Exact scores ``[queries of rows, gallery items]``."""
+        q, ql = [t[rows] for t in q_levels], [n[rows] for n in q_lengths]
         if query == "texts":
-            s = hier_align(levels, texts, image_lengths=lens, text_lengths=text_lengths,
-                           **scoring).t()
-        else:
-            s = hier_align(images, levels, image_lengths=image_lengths, text_lengths=lens,
-                           **scoring)
-        best = _merge(best, _chunk_keys(s, offset + start, k), k)
-    if best is None:
-        best = torch.empty(n_query, 0, dtype=torch.int64, device=first.device)
+            return hier_align(g_levels, q, image_lengths=g_lengths, text_lengths=ql,
+                              **scoring).t()
+        return hier_align(q, g_levels, image_lengths=ql, text_lengths=g_lengths, **scoring)
+
+    best = torch.full((n_query, k), PAD_KEY, dtype=torch.int64, device=first.device)
+    every = slice(None)
+    for start, levels, lens in _chunks(gallery, glengths, chunk, offset, gname, first):
+        lens = _as_lengths(lens, levels, f"{gname[:-1]}_lengths")
+        index = torch.arange(offset + start, offset + start + levels[0].shape[0],
+                             device=first.device)
+        keep = None
+        if prune:  # a probe on the first block of queries first: pruning costs a bounds pass
+            probe = slice(0, PRUNE_BLOCK)
+            keep = _candidates(levels, lens, q_levels, q_lengths, best, probe, query, k, scoring)
+            if keep is not None and n_query > PRUNE_BLOCK and keep.float().mean() <= PRUNE_SHARE:
+                keep = _candidates(levels, lens, q_levels, q_lengths, best, every, query, k,
+                                   scoring)
+            if keep is None or keep.float().mean() > PRUNE_SHARE:
+                keep, prune = None, False
+        if keep is None:
+            best = _merge(best, _chunk_keys(score(levels, lens, every), index, k), k)
+            continue
+        for q0 in range(0, n_query, PRUNE_BLOCK):
+            rows = slice(q0, q0 + PRUNE_BLOCK)
+            items = keep[rows].any(0).nonzero().squeeze(1)
+            if len(items) == 0:
+                continue
+            s = score([t[items] for t in levels], [n[items] for n in lens], rows)
+            s = s.masked_fill(~keep[rows][:, items], -torch.inf)
+            best[rows] = _merge(best[rows], _chunk_keys(s, index[items], k), k)
     if group is not None:
-        pad = torch.full((n_query, k - best.shape[1]), torch.iinfo(torch.int64).min,
-                         dtype=torch.int64, device=best.device)
-        best = _merge(None, torch.cat(_all_gather(torch.cat([best, pad], 1), group), 1), k)
+        best = _merge(None, torch.cat(_all_gather(best, group), 1), k)
     return _decode(best)
+
+
+def _candidates(levels: list[Tensor], lens: list[Tensor], q_levels: list[Tensor],
+                q_lengths: list[Tensor], best: Tensor, rows: slice, query: str, k: int,
+                scoring: dict) -> Tensor | None:
+    """``[queries of rows, c]``: which (query, chunk item) pairs can still enter the top
+    ``k``, from score bounds (``topk_prune``); None where there are none. The arguments are
+    first checked as ``hier_align`` checks them (a call on none of the chunk's items)."""
+    q_levels, q_lengths = [t[rows] for t in q_levels], [n[rows] for n in q_lengths]
+    no_items, no_lengths = [t[:0] for t in levels], [n[:0] for n in lens]
+    if query == "texts":
+        hier_align(no_items, q_levels, image_lengths=no_lengths, text_lengths=q_lengths,
+                   **scoring)
+    else:
+        hier_align(q_levels, no_items, image_lengths=q_lengths, text_lengths=no_lengths,
+                   **scoring)
+    weights = _check_weights(scoring["weights"], len(levels))
+    settings = {key: scoring[key] for key in ("pooling", "direction", "reduce",
+                                             "lambda_softmax", "backend", "memory_budget")}
+    if query == "texts":
+        bounds = topk_prune.hier_bounds(levels, q_levels, lens, q_lengths, weights, **settings)
+    else:
+        bounds = topk_prune.hier_bounds(q_levels, levels, q_lengths, lens, weights, **settings)
+    if bounds is None:
+        return None
+    lower, upper = (b.t() for b in bounds) if query == "texts" else bounds
+    kept = _decode(best[rows]).values.double()
+    return upper >= topk_prune.thresholds(kept, lower, k)[:, None]
 
 
 __all__ = ["TopK", "hier_topk"]

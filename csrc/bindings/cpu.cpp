@@ -71,6 +71,21 @@ std::tuple<torch::Tensor, torch::Tensor> max_align_forward_winners(
   return {out, winners};
 }
 
+// Bounds of max_align_forward's scores (lower, upper; float64 [bi, bt]), or two empty tensors
+// where the CPU or the level cannot compute them (max_align.h).
+std::tuple<torch::Tensor, torch::Tensor> max_align_bounds(
+    const torch::Tensor& images, const torch::Tensor& texts, const torch::Tensor& image_lengths,
+    const torch::Tensor& text_lengths, int64_t direction, bool mean) {
+  auto p = prepare(images, texts, image_lengths, text_lengths, direction, mean);
+  const auto options = images.options().dtype(torch::kFloat64);
+  auto lower = torch::empty({images.size(0), texts.size(0)}, options);
+  auto upper = torch::empty_like(lower);
+  if (!hatkernels::cpu::max_align_bounds(p.problem, lower.data_ptr<double>(),
+                                         upper.data_ptr<double>()))
+    return {torch::empty({0}, options), torch::empty({0}, options)};
+  return {lower, upper};
+}
+
 std::tuple<torch::Tensor, torch::Tensor> max_align_backward(
     const torch::Tensor& grad, const torch::Tensor& images, const torch::Tensor& texts,
     const torch::Tensor& image_lengths, const torch::Tensor& text_lengths, int64_t direction,
@@ -139,6 +154,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("max_align_backward", &max_align_backward, py::arg("grad"), py::arg("images"),
         py::arg("texts"), py::arg("image_lengths"), py::arg("text_lengths"),
         py::arg("direction"), py::arg("mean"), py::arg("winners") = py::none());
+  m.def("max_align_bounds", &max_align_bounds,
+        "Bounds (lower, upper; float64) of max_align_forward's scores from int8 codes alone, "
+        "or two empty tensors where this CPU cannot screen.");
   m.def("scan_align_forward", &scan_align_forward);
   m.def("scan_align_backward", &scan_align_backward);
   m.def("cpu_isa", &cpu_isa,

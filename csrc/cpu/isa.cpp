@@ -177,6 +177,17 @@ void max_align_forward(const Problem& p, float* out, int32_t* winners) {
   kernels().max_forward(screened, out, winners);
 }
 
+bool max_align_bounds(const Problem& p, double* lower, double* upper) {
+  const ScreenPath path = screen_path(screen_wanted());
+  const Kernels& k = kernels();
+  if (path == ScreenPath::kOff || !k.max_bounds || p.direction == kBoth) return false;
+  Problem screened = p;
+  screened.screen = true;
+  screened.amx = path == ScreenPath::kAmx;
+  k.max_bounds(screened, lower, upper);
+  return true;
+}
+
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
                         float* grad_texts, const int32_t* winners) {
   kernels().max_backward(p, grad_out, grad_images, grad_texts, winners);

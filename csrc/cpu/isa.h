@@ -33,6 +33,8 @@ struct Kernels {
   void (*max_backward)(const Problem&, const float*, float*, float*, const int32_t*);
   void (*scan_forward)(const Problem&, float, float*);
   void (*scan_backward)(const Problem&, float, const float*, float*, float*);
+  // Null below the avx512 level (max_align_bounds needs the screening's int8 GEMM).
+  void (*max_bounds)(const Problem&, double*, double*);
 };
 
 namespace scalar {

@@ -50,8 +50,15 @@ HATK_TARGET_BEGIN(HATK_CPU_TARGET)
 #include "cpu/scan_align_kernel.h"
 
 namespace hatkernels::cpu::HATK_CPU_LEVEL {
+#if HATK_CPU_AVX512
 const Kernels kKernels{max_kernel::max_align_forward, max_kernel::max_align_backward,
-                       scan_kernel::scan_align_forward, scan_kernel::scan_align_backward};
+                       scan_kernel::scan_align_forward, scan_kernel::scan_align_backward,
+                       max_kernel::max_align_bounds};
+#else
+const Kernels kKernels{max_kernel::max_align_forward, max_kernel::max_align_backward,
+                       scan_kernel::scan_align_forward, scan_kernel::scan_align_backward,
+                       nullptr};
+#endif
 }  // namespace hatkernels::cpu::HATK_CPU_LEVEL
 
 HATK_TARGET_END

@@ -16,6 +16,12 @@ int64_t max_align_winners_size(const Problem& p);
 // token's winner, for a backward without similarities.
 void max_align_forward(const Problem& p, float* out, int32_t* winners = nullptr);
 
+// Bounds of the scores [bi, bt] (lower, upper; double) that max_align_forward computes for p,
+// from int8 codes alone (no float32 dot product): for hier_topk's pruning. t2i and i2t only,
+// where the forward can screen (the avx512 level on a CPU with AVX-512 VNNI, screening not
+// turned off); returns false, writing nothing, otherwise.
+bool max_align_bounds(const Problem& p, double* lower, double* upper);
+
 // grad_out [bi, bt]; grad_images [bi, m_max, d] and grad_texts [bt, n_max, d] are written in
 // full (zero on padding). winners: what max_align_forward wrote for the same inputs, or null
 // (the similarities are then recomputed).

@@ -506,8 +506,8 @@ int64_t screen_ldc(const Problem& p, int64_t cols) {
 // The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
 // float32 kernel (too many candidates). Writes the winners where kept (at.t2i) and sets tied
 // when one of them is kTied (a NaN maximum counts as tied, as in max_pool::column_winners).
-bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
-                   const WinnersAt<int32_t>& at, float* q, float* out, bool& tied) {
+// Tile t's int32 similarities from the int8 codes into s.c (leading dimension: returned).
+int64_t screen_gemm(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s) {
   const int64_t d4 = plan.qv.d4;
   const int32_t* b8 = plan.b8.data() + plan.b_start[t.b] / p.d * d4;
   const int64_t ldc = screen_ldc(p, t.cols);
@@ -516,6 +516,24 @@ bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen
   else
     max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + t.r0 * d4, t.rows, b8, t.cols, d4,
                                        s.c.data(), ldc);
+  return ldc;
+}
+
+// Per-thread buffers of a screened pass over tiles (and its AMX configuration).
+max_screen::Scratch screen_scratch(const Problem& p, const Plan& plan) {
+  max_screen::Scratch s;
+  const int64_t extra = p.amx ? max_amx::kBlock : 0;
+  s.c.resize((plan.max_rows + extra) * screen_ldc(p, plan.max_cols));
+  s.win.resize(plan.max_cols);
+  s.thr.resize(plan.max_cols);
+  s.first.resize(plan.max_cols);
+  if (p.amx) max_amx::configure();
+  return s;
+}
+
+bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
+                   const WinnersAt<int32_t>& at, float* q, float* out, bool& tied) {
+  const int64_t ldc = screen_gemm(p, plan, t, s);
   const int64_t limit = t.rows * t.cols / max_screen::kMaxCandidateShare;
   int64_t extra = 0;
   bool tile_tied = false;
@@ -574,15 +592,7 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
     std::vector<int32_t> word(at.t2i ? plan.max_cols : 0), row(word.size());
     const WinnersOut win{at, word.data(), row.data()};
 #if HATK_CPU_AVX512
-    max_screen::Scratch s;
-    if (screen) {
-      const int64_t extra = p.amx ? max_amx::kBlock : 0;
-      s.c.resize((plan.max_rows + extra) * screen_ldc(p, plan.max_cols));
-      s.win.resize(plan.max_cols);
-      s.thr.resize(plan.max_cols);
-      s.first.resize(plan.max_cols);
-      if (p.amx) max_amx::configure();
-    }
+    max_screen::Scratch s = screen ? screen_scratch(p, plan) : max_screen::Scratch{};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < n_probe; ++j) {
       const int64_t k = j * n_tiles / n_probe;
@@ -612,6 +622,56 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
   }
   if (winners) winners[max_align_winners_size(p) - 1] = tied ? 1 : 0;
 }
+
+#if HATK_CPU_AVX512
+// Bounds of the t2i scores [bi, bt] (at i * si + j * sj) that any float32 kernel computes for
+// these inputs, from the int8 similarities alone (max_screen::bound_image per image and word).
+// A caption's float32 score is a float32 sum of its words' maxima (error at most
+// gamma_n sum |f_w|, gamma_n = n u / (1 - n u)), then for mean one division (relative u):
+// both are added to the interval, rounded outward.
+void bounds(const Problem& p, bool transposed, double* lower, double* upper) {
+  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, Pack::kNone, true);
+  const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
+  const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
+  const double u = std::ldexp(1.0, -24);
+#pragma omp parallel
+  {
+    max_screen::Scratch s = screen_scratch(p, plan);
+    std::vector<double> lo(plan.max_cols), hi(plan.max_cols);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_ig * n_cg; ++k) {
+      const Tile t = tile_of(plan, k / n_cg, k % n_cg);
+      const int64_t ldc = screen_gemm(p, plan, t, s);
+      for (int64_t i = t.i0; i < t.i1; ++i) {
+        const int64_t r0 = plan.v.off[i];
+        const max_screen::Image im{s.c.data() + (r0 - t.r0) * ldc, p.image_lengths[i], ldc, r0};
+        max_screen::bound_image(im, t.cols, t.w0, plan.qv, plan.qt, s.thr.data(),
+                                s.first.data(), lo.data(), hi.data());
+        for (int64_t j = t.j0; j < t.j1; ++j) {
+          const int64_t n = p.text_lengths[j], w0 = plan.t.off[j] - t.w0;
+          double a = 0, b = 0, mag = 0;
+          for (int64_t w = w0; w < w0 + n; ++w) {
+            a += lo[w];
+            b += hi[w];
+            mag += std::max(std::fabs(lo[w]), std::fabs(hi[w]));
+          }
+          const double gamma = n * u / (1 - n * u);
+          const double sum_margin = (gamma * mag + 1e-30) * (1 + 1e-12) + 1e-12 * mag;
+          a -= sum_margin;
+          b += sum_margin;
+          if (p.mean) {
+            a = a / n - (std::fabs(a) / n) * 2 * u;
+            b = b / n + (std::fabs(b) / n) * 2 * u;
+          }
+          lower[i * plan.si + j * plan.sj] = a;
+          upper[i * plan.si + j * plan.sj] = b;
+        }
+      }
+    }
+    if (p.amx) max_amx::release();
+  }
+}
+#endif
 
 // The backward from saved winners, their tied entries left out (max_align_scatter.h): t2i's
 // section has images as keys and words as queries, both's i2t section the reverse.
@@ -745,6 +805,16 @@ void max_align_forward(const Problem& p, float* out, int32_t* winners) {
   else
     forward(p, false, out, winners);
 }
+
+#if HATK_CPU_AVX512
+void max_align_bounds(const Problem& p, double* lower, double* upper) {
+  check(p);
+  if (p.direction == kI2T)
+    bounds(as_t2i(p), true, lower, upper);
+  else
+    bounds(p, false, lower, upper);
+}
+#endif
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
                         float* grad_texts, const int32_t* winners) {

@@ -183,6 +183,72 @@ struct Image {
   int64_t m, ldc, r0;
 };
 
+// Every word's largest D over one image (top) and the first row reaching it (first).
+inline void largest_d(const Image& im, int64_t cols, int32_t* top, int32_t* first) {
+  const auto lanes = [&](int64_t w) { return first_lanes(cols - w); };
+  for (int64_t w = 0; w < cols; w += 16) {
+    _mm512_mask_storeu_epi32(top + w, lanes(w), _mm512_maskz_loadu_epi32(lanes(w), im.ci + w));
+    _mm512_mask_storeu_epi32(first + w, lanes(w), _mm512_setzero_si512());
+  }
+  for (int64_t r = 1; r < im.m; ++r) {
+    const int32_t* cr = im.ci + r * im.ldc;
+    const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
+    for (int64_t w = 0; w < cols; w += 16) {
+      const __mmask16 m16 = lanes(w);
+      const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
+      const __m512i best = _mm512_maskz_loadu_epi32(m16, top + w);
+      const __mmask16 gt = _mm512_mask_cmpgt_epi32_mask(m16, x, best);
+      _mm512_mask_storeu_epi32(top + w, gt, x);
+      _mm512_mask_storeu_epi32(first + w, gt, row);
+    }
+  }
+}
+
+// The largest radius R and norm N over an image's tokens (one bound for all of them).
+inline void image_bound_terms(const Image& im, const Codes& qv, float& rbar, float& nbar) {
+  rbar = nbar = 0.f;
+  for (int64_t r = im.r0; r < im.r0 + im.m; ++r) {
+    rbar = std::max(rbar, qv.radius[r]);
+    nbar = std::max(nbar, qv.norm[r]);
+  }
+}
+
+// Bounds of every word's float32 maximum over one image, from its int32 similarities alone:
+// with P = S s (Dmax - 128 sum c') the largest quantised dot product and E the bound above,
+// every float32 dot product f of an image token with the word has |f - <x', y'>| <= E, so the
+// maximum of the f lies in [P - E, P + E] (the first token with the largest D reaches P - E,
+// none passes P + E). lo and hi per word, in double, widened past the double rounding of P
+// and E; top and first are scratch (cols entries each).
+inline void bound_image(const Image& im, int64_t cols, int64_t w0, const Codes& qv,
+                        const Codes& qt, int32_t* top, int32_t* first, double* lo, double* hi) {
+  float rbar, nbar;
+  image_bound_terms(im, qv, rbar, nbar);
+  largest_d(im, cols, top, first);
+  const __m512d scale_v = _mm512_set1_pd(qv.scale[im.r0]);
+  const __m512d r_v = _mm512_set1_pd(rbar), n_v = _mm512_set1_pd(nbar);
+  const __m512d tiny = _mm512_set1_pd(1e-30), up = _mm512_set1_pd(1 + 1e-12);
+  const __m512d rel = _mm512_set1_pd(1e-12), c128 = _mm512_set1_pd(128.0);
+  for (int64_t w = 0; w < cols; w += 8) {
+    const __mmask8 m8 = static_cast<__mmask8>(cols - w >= 8 ? 0xffu : (1u << (cols - w)) - 1u);
+    const int64_t x = w0 + w;
+    const auto wide = [&](const float* q) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m8, q)); };
+    const auto wide_int = [&](const int32_t* q) {
+      return _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m8, q));
+    };
+    // P = S s (D - 128 sum c') and E, each in double; P - E and P + E widened past their
+    // rounding.
+    const __m512d p = _mm512_mul_pd(_mm512_mul_pd(scale_v, wide(qt.scale.data() + x)),
+                                    _mm512_fnmadd_pd(c128, wide_int(qt.sum.data() + x),
+                                                     wide_int(top + w)));
+    const __m512d e = _mm512_add_pd(
+        _mm512_fmadd_pd(r_v, wide(qt.norm.data() + x), _mm512_mul_pd(n_v, wide(qt.radius.data() + x))),
+        tiny);
+    const __m512d margin = _mm512_fmadd_pd(e, up, _mm512_mul_pd(_mm512_abs_pd(p), rel));
+    _mm512_mask_storeu_pd(lo + w, m8, _mm512_sub_pd(p, margin));
+    _mm512_mask_storeu_pd(hi + w, m8, _mm512_add_pd(p, margin));
+  }
+}
+
 // Screens one image against the tile's words: writes every word's float32 maximum to q and
 // its winning row (within the image) to win (max_pool::kTied when candidates tie exactly), and
 // returns the number of extra candidates
@@ -193,29 +259,11 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
                             const max_gemm::Rows& t_rows, float* q, int32_t* win,
                             int32_t* thr, int32_t* first) {
   const int64_t d = v_rows.d;
-  float rbar = 0.f, nbar = 0.f;
-  for (int64_t r = im.r0; r < im.r0 + im.m; ++r) {
-    rbar = std::max(rbar, qv.radius[r]);
-    nbar = std::max(nbar, qv.norm[r]);
-  }
+  float rbar, nbar;
+  image_bound_terms(im, qv, rbar, nbar);
   const auto lanes = [&](int64_t w) { return first_lanes(cols - w); };
   // Pass 1: every word's largest D (in thr for now) and its first row r*.
-  for (int64_t w = 0; w < cols; w += 16) {
-    _mm512_mask_storeu_epi32(thr + w, lanes(w), _mm512_maskz_loadu_epi32(lanes(w), im.ci + w));
-    _mm512_mask_storeu_epi32(first + w, lanes(w), _mm512_setzero_si512());
-  }
-  for (int64_t r = 1; r < im.m; ++r) {
-    const int32_t* cr = im.ci + r * im.ldc;
-    const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
-    for (int64_t w = 0; w < cols; w += 16) {
-      const __mmask16 m16 = lanes(w);
-      const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
-      const __m512i top = _mm512_maskz_loadu_epi32(m16, thr + w);
-      const __mmask16 gt = _mm512_mask_cmpgt_epi32_mask(m16, x, top);
-      _mm512_mask_storeu_epi32(thr + w, gt, x);
-      _mm512_mask_storeu_epi32(first + w, gt, row);
-    }
-  }
+  largest_d(im, cols, thr, first);
   // The best rows' float32 values, then every word's threshold on D.
   for (int64_t w = 0; w < cols; ++w) {
     q[w] = dot(v_rows.row(im.r0 + first[w]), t_rows.row(w0 + w), d);

@@ -35,6 +35,14 @@ class CpuBackend(ExtensionBackend):
             self.extension.max_align_forward_winners(*inp.tensors, *self._codes(inp), budget)
         )
 
+    def max_align_bounds(self, inp: AlignInputs) -> tuple[Tensor, Tensor] | None:
+        """float64 ``[Bi, Bt]`` lower and upper bounds of the max-pooling scores this backend
+        computes for ``inp``, from int8 codes alone; None where the CPU cannot screen (or for
+        ``both``)."""
+        lower, upper = self.extension.max_align_bounds(*inp.tensors, *self._codes(inp))
+        return (lower, upper) if lower.numel() == inp.images.shape[0] * inp.texts.shape[0] \
+            else None
+
     def align_backward(
         self, grad: Tensor, inp: AlignInputs, saved: Tensor
     ) -> tuple[Tensor, Tensor]:

@@ -112,7 +112,7 @@ def test_ties_go_to_the_lower_index() -> None:
 
 def test_nan_scores_rank_last() -> None:
     scores = torch.tensor([[1.0, float("nan"), -float("inf"), 0.0, -0.0, 2.0, float("nan")]])
-    values, indices = _decode(_chunk_keys(scores, 10, 7).topk(7).values)
+    values, indices = _decode(_chunk_keys(scores, torch.arange(10, 17), 7).topk(7).values)
     assert indices.tolist() == [[15, 10, 13, 14, 12, 11, 16]]
     assert values[0, :5].tolist() == [2.0, 1.0, 0.0, 0.0, -float("inf")]
     assert torch.isnan(values[0, 5:]).all()
