@@ -214,9 +214,11 @@ def hier_topk(
             keys); a store's chunks also end at its shard boundaries.
         prune: with max pooling (``t2i`` or ``i2t``) on the cpu backend where the CPU screens
             with int8 codes, bound every score of a chunk first and score exactly, per block
-            of queries, only the items that can still enter a query's top ``k``; the result
-            is the same. It stops for the rest of the call once a chunk keeps more than half
-            of its pairs (bounds too loose for the data to pay).
+            of queries, only the items that can still enter a query's top ``k``: the same
+            items, their values computed in smaller batches (float32 rounding may differ in
+            the last bits, as between chunkings). A probe on the first block of queries turns
+            it off when the bounds are too loose for the data to pay, and so does a chunk that
+            keeps more than half of its pairs.
 
     Returns:
         :class:`TopK` ``(values, indices)``: ``values`` float32 ``[Bq, k]`` descending (float64

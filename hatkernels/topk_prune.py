@@ -7,7 +7,7 @@ product (``csrc/cpu/max_align_screen.h`` derives the bound). ``hier_topk`` then 
 exactly, per block of queries, only the gallery items whose upper bound reaches the query's
 threshold ``T``: the ``k``-th largest of the exact scores it already holds and of the chunk's
 lower bounds. An item below ``T`` scores below ``k`` items that score at least ``T``, so the
-result is the unpruned one, exactly.
+result holds the unpruned call's items (its values computed in smaller batches).
 """
 
 from __future__ import annotations
