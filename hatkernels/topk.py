@@ -37,7 +37,9 @@ NAN_KEY = -(1 << 31)  # below the key of -inf
 CHUNK_BYTES = 64 << 20  # default working size of one chunk's scores and keys
 PAD_KEY = torch.iinfo(torch.int64).min  # an empty slot: below every key
 PRUNE_BLOCK = 64  # queries scored together when pruning
-PRUNE_SHARE = 0.5  # pruning stops once a chunk keeps more than this share of its pairs
+# Pruning stops once a chunk's exact scoring would cover more than this share of its pairs
+# (the blocks' items, whichever query kept them): a bounds pass costs about half an exact one.
+PRUNE_SHARE = 0.35
 
 Gallery = Tensor | Sequence[Tensor] | TokenStore
 
@@ -216,9 +218,9 @@ def hier_topk(
             with int8 codes, bound every score of a chunk first and score exactly, per block
             of queries, only the items that can still enter a query's top ``k``: the same
             items, their values computed in smaller batches (float32 rounding may differ in
-            the last bits, as between chunkings). A probe on the first block of queries turns
-            it off when the bounds are too loose for the data to pay, and so does a chunk that
-            keeps more than half of its pairs.
+            the last bits, as between chunkings). A chunk is scored whole when a probe on its
+            first block of queries, or all its blocks, would still score more than a third of
+            its pairs; the second such chunk ends pruning for the call.
 
     Returns:
         :class:`TopK` ``(values, indices)``: ``values`` float32 ``[Bq, k]`` descending (float64
@@ -272,7 +274,7 @@ def hier_topk(
         return hier_align(q, g_levels, image_lengths=ql, text_lengths=g_lengths, **scoring)
 
     best = torch.full((n_query, k), PAD_KEY, dtype=torch.int64, device=first.device)
-    every = slice(None)
+    every, misses = slice(None), 0
     for start, levels, lens in _chunks(gallery, glengths, chunk, offset, gname, first):
         lens = _as_lengths(lens, levels, f"{gname[:-1]}_lengths")
         index = torch.arange(offset + start, offset + start + levels[0].shape[0],
@@ -281,11 +283,15 @@ def hier_topk(
         if prune:  # a probe on the first block of queries first: pruning costs a bounds pass
             probe = slice(0, PRUNE_BLOCK)
             keep = _candidates(levels, lens, q_levels, q_lengths, best, probe, query, k, scoring)
-            if keep is not None and n_query > PRUNE_BLOCK and keep.float().mean() <= PRUNE_SHARE:
+            if keep is not None and n_query > PRUNE_BLOCK and _work(keep) <= PRUNE_SHARE:
                 keep = _candidates(levels, lens, q_levels, q_lengths, best, every, query, k,
                                    scoring)
-            if keep is None or keep.float().mean() > PRUNE_SHARE:
-                keep, prune = None, False
+            if keep is None or _work(keep) > PRUNE_SHARE:
+                # The first chunk may fail on its own: it has no exact scores to set the
+                # thresholds. A second failure (or no bounds at all) ends pruning.
+                misses += 1
+                prune = keep is not None and misses < 2
+                keep = None
         if keep is None:
             best = _merge(best, _chunk_keys(score(levels, lens, every), index, k), k)
             continue
@@ -300,6 +306,14 @@ def hier_topk(
     if group is not None:
         best = _merge(None, torch.cat(_all_gather(best, group), 1), k)
     return _decode(best)
+
+
+def _work(keep: Tensor) -> float:
+    """The share of a chunk's pairs that pruned scoring computes: per block of queries, every
+    item that one of them keeps."""
+    items = sum(int(keep[q0:q0 + PRUNE_BLOCK].any(0).sum()) * len(keep[q0:q0 + PRUNE_BLOCK])
+                for q0 in range(0, keep.shape[0], PRUNE_BLOCK))
+    return items / max(keep.numel(), 1)
 
 
 def _candidates(levels: list[Tensor], lens: list[Tensor], q_levels: list[Tensor],
