@@ -40,6 +40,7 @@ PRUNE_BLOCK = 64  # queries scored together when pruning
 # Pruning stops once a chunk's exact scoring would cover more than this share of its pairs
 # (the blocks' items, whichever query kept them): a bounds pass costs about half an exact one.
 PRUNE_SHARE = 0.35
+PRUNE_HOPELESS = 0.9
 
 Gallery = Tensor | Sequence[Tensor] | TokenStore
 
@@ -220,7 +221,8 @@ def hier_topk(
             items, their values computed in smaller batches (float32 rounding may differ in
             the last bits, as between chunkings). A chunk is scored whole when a probe on its
             first block of queries, or all its blocks, would still score more than a third of
-            its pairs; the second such chunk ends pruning for the call.
+            its pairs; the second such chunk, or one where they would score nearly all of
+            them, ends pruning for the call.
 
     Returns:
         :class:`TopK` ``(values, indices)``: ``values`` float32 ``[Bq, k]`` descending (float64
@@ -286,12 +288,13 @@ def hier_topk(
             if keep is not None and n_query > PRUNE_BLOCK and _work(keep) <= PRUNE_SHARE:
                 keep = _candidates(levels, lens, q_levels, q_lengths, best, every, query, k,
                                    scoring)
-            if keep is None or _work(keep) > PRUNE_SHARE:
-                # The first chunk may fail on its own: it has no exact scores to set the
-                # thresholds. A second failure (or no bounds at all) ends pruning.
-                misses += 1
-                prune = keep is not None and misses < 2
-                keep = None
+            work = 1.0 if keep is None else _work(keep)
+            if work > PRUNE_SHARE:
+                # The first chunk may fail on its own (it has no exact scores to set the
+                # thresholds); a second failure, a hopeless one (every item of a block kept
+                # by some query) or no bounds at all ends pruning.
+                misses += 1 if work < PRUNE_HOPELESS else 2
+                prune, keep = keep is not None and misses < 2, None
         if keep is None:
             best = _merge(best, _chunk_keys(score(levels, lens, every), index, k), k)
             continue
