@@ -83,11 +83,16 @@ struct Side {
   std::vector<int64_t> off, len;  // item k's tokens are rows [off[k], off[k] + len[k])
   std::vector<int64_t> gram_off;  // item k's Gram [len, pad(len)] at grams + gram_off[k], or -1
   Buffer tokens, norms, grams;    // [total, dp], [total], the Gram matrices
+  bool half_grams = false;        // the forward's: halved where scan::kHalfGramFrom says
 
+  // Whether item k's Gram matrix holds only its lower triangle, half the diagonal.
+  bool halved(int64_t k) const {
+    return half_grams && pad_lanes(len[k]) >= scan::kHalfGramFrom;
+  }
   // What item k's attention needs for |c|^2: its Gram matrix, else its tokens.
   Attended attended(int64_t k) const {
     const int64_t qp = pad_lanes(len[k]);
-    if (gram_off[k] >= 0) return {grams.get() + gram_off[k], qp, qp, true};
+    if (gram_off[k] >= 0) return {grams.get() + gram_off[k], qp, qp, true, halved(k)};
     return {tokens.get() + off[k] * dp, dp, dp, false};
   }
 };
@@ -131,8 +136,10 @@ Side pack_side(const float* x, const int64_t* lengths, int64_t count, int64_t ma
   return s;
 }
 
-// Gram matrices of the items for which they are cheaper than contexts (padded length <= Dp).
-void add_grams(Side& s) {
+// Gram matrices of the items for which they are cheaper than contexts (padded length <= Dp);
+// half: the long items' only as their lower triangles, half the diagonal (Side::halved).
+void add_grams(Side& s, bool half) {
+  s.half_grams = half;
   s.gram_off.assign(s.count, -1);
   int64_t size = 0;
   for (int64_t k = 0; k < s.count; ++k) {
@@ -154,7 +161,14 @@ void add_grams(Side& s) {
       if (s.gram_off[k] < 0) continue;
       const float* xk = tok + s.off[k] * s.dp;
       const int64_t n = s.len[k];
-      gemm_nt(n, n, s.d, xk, s.dp, xk, s.dp, g + s.gram_off[k], pad_lanes(n));
+      float* gk = g + s.gram_off[k];
+      const int64_t ld = pad_lanes(n);
+      gemm_nt(n, n, s.d, xk, s.dp, xk, s.dp, gk, ld);
+      if (!s.halved(k)) continue;
+      for (int64_t r = 0; r < n; ++r) {
+        gk[r * ld + r] *= 0.5f;
+        std::fill(gk + r * ld + r + 1, gk + r * ld + n, 0.f);
+      }
     }
   }
 }
@@ -203,7 +217,8 @@ struct Plan {
   std::vector<int64_t> strip_start;
 #endif
 
-  explicit Plan(const Problem& p)
+  // backward: full Gram matrices (the forward's are halved: scan::Attended).
+  Plan(const Problem& p, bool backward)
       : prob(p),
         img(pack_side(p.images, p.image_lengths, p.bi, p.m_max, p.d, "image_lengths")),
         txt(pack_side(p.texts, p.text_lengths, p.bt, p.n_max, p.d, "text_lengths")),
@@ -214,8 +229,8 @@ struct Plan {
     }
     img.gram_off.assign(img.count, -1);
     txt.gram_off.assign(txt.count, -1);
-    if (t2i) add_grams(img);
-    if (i2t) add_grams(txt);
+    if (t2i) add_grams(img, !backward);
+    if (i2t) add_grams(txt, !backward);
     img_blocks = make_blocks(img, kTileRows);
     txt_blocks = make_blocks(txt, kTileWords);
     rows_max = max_block_tokens(img, img_blocks);
@@ -266,7 +281,7 @@ struct Workspace {
     width_max = std::max(qp_max, pl.img.dp);
     sim = Buffer(pl.rows_max * pl.words_max + kLanes);
     local = Buffer(p_max * qp_max);
-    alpha = Buffer(p_max * qp_max);
+    alpha = Buffer(pad_lanes(p_max) * qp_max);
     y = Buffer(p_max * width_max);
     work = Buffer(p_max * qp_max);
     col = Buffer(3 * qp_max);
@@ -320,13 +335,16 @@ void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
 // or transposed into [n, pad(m)] (t2i, in 16 x 16 blocks), zeros in the padding. The
 // transposing copy loads whole vectors of 16 columns, so it may read up to 15 floats past the
 // pair's columns (the tile buffers have kLanes floats of slack); they reach only the rows of
-// dst that are not stored.
+// dst that are not stored. The plain copy reads whole vectors too and zeroes the padding.
 void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpose, float* dst) {
   if (!transpose) {
-    const int64_t np = pad_lanes(n);
+    const int64_t np = pad_lanes(n), last = np - kLanes;
+    I16 lane;
+    for (int i = 0; i < 16; ++i) lane[i] = i;
+    const I16 tail = lane < static_cast<int32_t>(n - last);
     for (int64_t r = 0; r < m; ++r) {
-      std::memcpy(dst + r * np, sim + r * ld, static_cast<size_t>(n) * 4);
-      std::memset(dst + r * np + n, 0, static_cast<size_t>(np - n) * 4);
+      for (int64_t c = 0; c < last; c += kLanes) store(dst + r * np + c, load(sim + r * ld + c));
+      store(dst + r * np + last, tail ? load(sim + r * ld + last) : V16{});
     }
   } else {
     const int64_t mp = pad_lanes(m);
@@ -515,7 +533,7 @@ std::vector<int64_t> diagonal_order(const Plan& pl) {
 
 void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
   if (p.bi <= 0 || p.bt <= 0) return;
-  const Plan pl(p);
+  const Plan pl(p, false);
   std::vector<Workspace> ws = make_workspaces(pl, false);
   const int threads = static_cast<int>(ws.size());
 #pragma omp parallel num_threads(threads)
@@ -560,7 +578,7 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
   std::memset(grad_images, 0, static_cast<size_t>(p.bi * p.m_max * p.d) * 4);
   std::memset(grad_texts, 0, static_cast<size_t>(p.bt * p.n_max * p.d) * 4);
   if (p.bi <= 0 || p.bt <= 0) return;
-  const Plan pl(p);
+  const Plan pl(p, true);
   std::vector<Workspace> ws = make_workspaces(pl, true);
   const int threads = static_cast<int>(ws.size());
   // Tiles are handed out in diagonal order by one counter (so every tile a tile waits for

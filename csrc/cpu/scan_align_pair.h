@@ -15,7 +15,8 @@
 // Sweeps. The pair's work besides the similarity GEMM is a few sweeps over P: the column
 // sums of squares; per row, z and its exp in one sweep (shifted by |lambda|, which bounds
 // |z|, so no row maximum is needed while |lambda| <= kFixedShift); the normalisation of alpha
-// with num; alpha G (small_gemm) and |c|^2. What is summed per row (the softmax denominator,
+// with num; alpha G (small_gemm) and |c|^2, or in the forward for long attended items
+// alpha^T H alpha in one pass over half the Gram matrix (half_gram_rows). What is summed per row (the softmax denominator,
 // num, |c|^2, the backward's <alpha, d alpha>) stays a vector until a sweep ends, and 16 rows
 // are then summed at once (row_sums): separate horizontal sums per row cost more than the
 // row's exp. The vector exp, sqrt and division make the rest; the cosine quotients are
@@ -33,23 +34,35 @@ namespace hatkernels::cpu::HATK_CPU_LEVEL::scan {
 
 constexpr float kEps = 1e-8f;
 
-// The attended side of a pair: either its Gram matrix (z = G [q, qp], gram = true) or its
-// tokens (z = X [q, ld], width = padded D, gram = false).
+// The forward's half Gram mode is taken from this padded length on (three column vectors):
+// below it, the product alpha G in strips of two vectors keeps the FMA pipes busier than
+// half_gram_rows' one-vector strips (measured per pair on the AMD EPYC: q = 8 and 20, the
+// whole Gram 8-20% faster; q = 49, the half one 10-20% faster).
+constexpr int64_t kHalfGramFrom = 48;
+
+// The attended side of a pair: its Gram matrix (z = G [q, qp], gram = true), or its tokens
+// (z = X [q, ld], width = padded D, gram = false). half: z holds H, G's lower triangle with
+// half its diagonal (zeros above), so that alpha^T G alpha = 2 alpha^T H alpha and the product
+// alpha H skips H's zero blocks above the diagonal: about half the Gram mode's FMAs. The
+// forward only: the backward needs alpha G itself.
 struct Attended {
   const float* z;
   int64_t ld;
   int64_t width;
   bool gram;
+  bool half = false;
 };
 
 // Per-thread scratch, each at least as large as noted for the largest pair, 64-byte
 // aligned. Sized by the caller (Workspace in scan_align_kernel.h).
 struct PairScratch {
-  float* alpha;  // [p, qp]
+  float* alpha;  // [pad_lanes(p), qp]: the rows past p are slack (half_gram_rows)
   float* y;      // [p, width]: alpha G (Gram) or the contexts c_r (context mode)
   float* work;   // [p, qp]: backward only
-  float* col;    // [qp] x 3: sum of squares, lambda / den, backward den sums
-  float* row;    // [p] x 5: num, |c|^2, then row sums and the backward's per-row terms
+  float* col;    // [qp] x 3: sum of squares, lambda / den, the padding's bias (then the
+                 // backward's den sums)
+  float* row;    // [p] x 5: num, |c|^2, the softmax sums and shifts, then the backward's
+                 // per-row terms
   float* lanes;  // [pad_lanes(p), 16]: one vector per row, before its horizontal sum
 };
 
@@ -58,53 +71,89 @@ struct PairScratch {
 // row maximum (a horizontal reduction per row) is needed only for larger |lambda|.
 constexpr float kFixedShift = 40.f;
 
-// Column statistics and the attention of every row; fills s.alpha, s.y, num = s.row,
-// c2 = s.row + p. Columns >= q get alpha = 0. The per-row sums (softmax denominator, num,
+// For 8 rows r of alpha (row stride qp; 8 sums cover the FMA latency): lanes[r] = the lane
+// sums of alpha_r^T H alpha_r (att.half), one column vector v of alpha_r H at a time, over the
+// rows k >= v of H only (H is zero above its diagonal), and never stored: its product with
+// alpha_r is taken at once. Not inlined: inside pair_attention the compiler spilled two of its
+// 16 sums to the stack.
+__attribute__((noinline)) inline void half_gram_rows(const float* a, int64_t qp, int64_t q,
+                                                     const Attended& att, float* lanes) {
+  constexpr int R = 8;
+  V16 tot[R];
+  for (int i = 0; i < R; ++i) tot[i] = V16{};
+  for (int64_t v = 0; v < qp; v += kLanes) {
+    V16 acc[R];
+    for (int i = 0; i < R; ++i) acc[i] = V16{};
+    for (int64_t k = v; k < q; ++k) {
+      const V16 hk = load(att.z + k * att.ld + v);
+      for (int i = 0; i < R; ++i) acc[i] = fmadd(splat(a[i * qp + k]), hk, acc[i]);
+    }
+    for (int i = 0; i < R; ++i) tot[i] = fmadd(acc[i], load(a + i * qp + v), tot[i]);
+  }
+  for (int i = 0; i < R; ++i) store(lanes + i * kLanes, tot[i]);
+}
+
+// Column statistics and the attention of every row; fills s.alpha, s.y (not in half mode),
+// num = s.row, c2 = s.row + p. Columns >= q get alpha = 0. The per-row sums (softmax denominator, num,
 // |c|^2) are kept as vectors and summed 16 rows at a time (row_sums).
 inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
                            const Attended& att, float lam, const PairScratch& s) {
   float* sumsq = s.col;
   float* inv = s.col + qp;
+  float* bias = s.col + 2 * qp;  // 0 on the q columns, -inf on the padding
   float* num = s.row;
   float* c2 = s.row + p;
   float* rsum = s.row + 2 * p;
+  float* shift = s.row + 3 * p;
+  // Four rows at a time into separate sums: one chain of dependent FMAs per column vector
+  // would wait for the FMA latency at every row.
   for (int64_t c = 0; c < qp; c += kLanes) {
-    V16 acc{};
-    for (int64_t r = 0; r < p; ++r) {
-      const V16 a = leaky(load(P + r * qp + c));
-      acc = fmadd(a, a, acc);
+    V16 acc[4] = {};
+    int64_t r = 0;
+    for (; r + 4 <= p; r += 4) {
+      for (int k = 0; k < 4; ++k) {
+        const V16 a = leaky(load(P + (r + k) * qp + c));
+        acc[k] = fmadd(a, a, acc[k]);
+      }
     }
-    store(sumsq + c, acc);
+    for (; r < p; ++r) {
+      const V16 a = leaky(load(P + r * qp + c));
+      acc[0] = fmadd(a, a, acc[0]);
+    }
+    store(sumsq + c, (acc[0] + acc[1]) + (acc[2] + acc[3]));
   }
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < qp; ++c) bias[c] = c < q ? 0.f : neg_inf;
   for (int64_t c = 0; c < qp; c += kLanes)
     store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
-  const float neg_inf = -std::numeric_limits<float>::infinity();
+  // z = a * inv + bias: exactly a * inv on the q columns, -inf (exp: 0) on the padding.
+  const auto z = [&](const float* pr, int64_t c) {
+    return fmadd(leaky(load(pr + c)), load(inv + c), load(bias + c));
+  };
   const float abs_lam = std::fabs(lam);
-  const bool fixed_shift = abs_lam <= kFixedShift;
-  const V16 tail = splat(neg_inf);  // for the padded columns
-  const int64_t last = qp - kLanes;  // the only chunk that may hold padded columns
-  I16 lane;
-  for (int i = 0; i < 16; ++i) lane[i] = i;
-  const I16 valid = lane < static_cast<int32_t>(q - last);
+  for (int64_t r = 0; r < p; ++r) {
+    if (abs_lam <= kFixedShift) {
+      shift[r] = abs_lam;
+    } else {
+      V16 mx = splat(neg_inf);
+      for (int64_t c = 0; c < qp; c += kLanes) mx = vmax(mx, z(P + r * qp, c));
+      shift[r] = hmax(mx);
+    }
+  }
+  // The exponentials, with no branch in the row loop but its own (qp >= 16, so the column
+  // loop runs at least once and is written so): the constants of exp16 stay in registers.
   for (int64_t r = 0; r < p; ++r) {
     const float* pr = P + r * qp;
     float* al = s.alpha + r * qp;
-    const auto z = [&](int64_t c) {
-      const V16 zc = leaky(load(pr + c)) * load(inv + c);
-      return c == last ? (valid ? zc : tail) : zc;
-    };
-    V16 shift = splat(abs_lam);
-    if (!fixed_shift) {
-      V16 mx = splat(neg_inf);
-      for (int64_t c = 0; c < qp; c += kLanes) mx = vmax(mx, z(c));
-      shift = splat(hmax(mx));
-    }
+    const V16 sh = splat(shift[r]);
     V16 sum{};
-    for (int64_t c = 0; c < qp; c += kLanes) {
-      const V16 e = exp16(z(c) - shift);
+    int64_t c = 0;
+    do {
+      const V16 e = exp16(z(pr, c) - sh);
       store(al + c, e);
       sum += e;
-    }
+      c += kLanes;
+    } while (c < qp);
     store(s.lanes + r * kLanes, sum);
   }
   row_sums(s.lanes, p, rsum);
@@ -121,6 +170,15 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
     store(s.lanes + r * kLanes, nm);
   }
   row_sums(s.lanes, p, num);
+  if (att.half) {  // |c|^2 = 2 alpha^T H alpha, alpha H never stored
+    // Whole blocks of 8 rows: the rows past p read alpha's slack and reach only their own
+    // lanes, which row_sums does not store.
+    for (int64_t r = 0; r < p; r += 8)
+      half_gram_rows(s.alpha + r * qp, qp, q, att, s.lanes + r * kLanes);
+    row_sums(s.lanes, p, c2);
+    for (int64_t r = 0; r < p; ++r) c2[r] *= 2.f;
+    return;
+  }
   // y = alpha Z, then |c|^2 = <y, alpha> (Gram) or <y, y> (contexts).
   const int64_t w = att.width;
   small_gemm<false>(p, w, s.alpha, qp, 1, nullptr, q, att.z, att.ld, s.y, w, false);

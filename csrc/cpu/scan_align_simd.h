@@ -20,7 +20,9 @@ using I16 = int32_t __attribute__((vector_size(64)));
 
 inline int64_t pad_lanes(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes; }
 
-inline V16 splat(float x) { return V16{} + x; }
+// Every lane x (a broadcast: `V16{} + x` would first add 0 to x, a scalar add that the
+// compiler must keep because -0 + 0 = +0).
+inline V16 splat(float x) { return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
 inline V16 load(const float* p) {
   V16 v;

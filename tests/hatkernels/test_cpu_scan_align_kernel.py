@@ -2,9 +2,10 @@
 
 Kernel-specific coverage beyond test_pooling_vs_reference.py: every direction x reduce x lambda,
 both ways of getting |c|^2 (the Gram identity when the attended side is short, the formed
-context when D is the smaller side), several tiles and blocks per call (so that gradient
-rows of one image or caption are accumulated by different tiles and threads), odd D,
-one-token items, B = 1, NaN padding, thread-count independence and bad lengths.
+context when D is the smaller side; the forward's halved Gram matrices of long items), several
+tiles and blocks per call (so that gradient rows of one image or caption are accumulated by
+different tiles and threads), odd D, one-token items, B = 1, NaN padding, thread-count
+independence and bad lengths.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ def _check(case, direction, reduce, lam=9.0):
 def test_modes_gram_path(direction, reduce, lam):
     # D = 13 pads to 16 >= every padded length: |c|^2 through the Gram matrices.
     _check(make_case(1, 5, 7, [(9, 11, 13)]), direction, reduce, lam)
+
+
+@pytest.mark.parametrize("lam", [4.0, 9.0, 60.0])
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+@pytest.mark.parametrize("direction", sorted({d for d, _ in SETTINGS}))
+def test_half_gram_path(direction, reduce, lam):
+    # D = 64 >= the padded lengths 64 and 48: Gram matrices, which the forward keeps as their
+    # lower triangles for the items padded to 48 or more, and whole for the shorter ones.
+    _check(make_case(3, 5, 8, [(49, 40, 64)]), direction, reduce, lam)
+    _check(make_case(4, 6, 5, [(36, 33, 60)], normalise=False), direction, reduce, lam)
 
 
 @pytest.mark.parametrize("normalise", [True, False], ids=["unit", "raw"])
