@@ -116,8 +116,39 @@ struct I8 {
   HATK_VNNI static void store(T* p, __mmask16 m, V v) { _mm512_mask_storeu_epi32(p, m, v); }
 };
 
-// c[MR, ncols] = a [d][MR] x b [d][kNR] (ncols <= 16 * NV valid columns stored).
-template <class K, int MR, int NV>
+// The same two layouts from a matrix stored K-major, src [k, ld] row-major (so the rows of
+// the product's operand are src's columns): rows [0, rows) of src^T in blocks of kMR, and
+// columns [0, cols) of src in strips of kNR, zero-filled past cols. For the scan backward's
+// products dS T and dS^T V, whose operands dS, T and V come row-major. Masked vector copies:
+// std::copy of 12 floats had become a memmove call per row.
+inline void pack_row_blocks_kmajor(const float* src, int64_t ld, int64_t k, int64_t rows,
+                                   float* dst) {
+  for (int64_t b0 = 0; b0 < rows; b0 += kMR) {
+    const int64_t mr = std::min(kMR, rows - b0);
+    const __mmask16 mask = static_cast<__mmask16>((1u << mr) - 1u);
+    float* blk = dst + b0 * k;
+    for (int64_t kk = 0; kk < k; ++kk)
+      _mm512_mask_storeu_ps(blk + kk * mr, mask, _mm512_maskz_loadu_ps(mask, src + kk * ld + b0));
+  }
+}
+
+inline void pack_col_strips_kmajor(const float* src, int64_t ld, int64_t k, int64_t cols,
+                                   float* dst) {
+  for (int64_t s0 = 0; s0 < cols; s0 += kNR) {
+    float* strip = dst + s0 * k;
+    const int64_t nc = std::min(kNR, cols - s0);
+    const __mmask16 lo = static_cast<__mmask16>((1u << std::min<int64_t>(nc, 16)) - 1u);
+    const __mmask16 hi = static_cast<__mmask16>((1u << std::max<int64_t>(nc - 16, 0)) - 1u);
+    for (int64_t kk = 0; kk < k; ++kk) {  // whole strips, zeros past cols
+      _mm512_store_ps(strip + kk * kNR, _mm512_maskz_loadu_ps(lo, src + kk * ld + s0));
+      _mm512_store_ps(strip + kk * kNR + 16, _mm512_maskz_loadu_ps(hi, src + kk * ld + s0 + 16));
+    }
+  }
+}
+
+// c[MR, ncols] = a [d][MR] x b [d][kNR] (ncols <= 16 * NV valid columns stored; Acc: added
+// to c, float32 only).
+template <class K, int MR, int NV, bool Acc = false>
 HATK_VNNI inline void micro_kernel(const typename K::T* __restrict a,
                                    const typename K::T* __restrict b, int64_t d,
                                    typename K::T* __restrict c, int64_t ldc, int ncols) {
@@ -141,7 +172,11 @@ HATK_VNNI inline void micro_kernel(const typename K::T* __restrict a,
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) K::store(c + r * ldc + 16 * v, acc[r][v]);
+      for (int v = 0; v < NV; ++v) {
+        typename K::T* out = c + r * ldc + 16 * v;
+        if constexpr (Acc) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_loadu_ps(out));
+        K::store(out, acc[r][v]);
+      }
     return;
   }
 #pragma GCC unroll 2
@@ -149,17 +184,21 @@ HATK_VNNI inline void micro_kernel(const typename K::T* __restrict a,
     const int left = std::clamp(ncols - 16 * v, 0, 16);
     const __mmask16 mask = static_cast<__mmask16>((1u << left) - 1u);
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; ++r) K::store(c + r * ldc + 16 * v, mask, acc[r][v]);
+    for (int r = 0; r < MR; ++r) {
+      typename K::T* out = c + r * ldc + 16 * v;
+      if constexpr (Acc) acc[r][v] = _mm512_add_ps(acc[r][v], _mm512_maskz_loadu_ps(mask, out));
+      K::store(out, mask, acc[r][v]);
+    }
   }
 }
 
-template <class K, int NV>
+template <class K, int NV, bool Acc>
 HATK_VNNI inline void micro_dispatch(int64_t mr, const typename K::T* a, const typename K::T* b,
                                      int64_t d, typename K::T* c, int64_t ldc, int ncols) {
   switch (mr) {
 #define HATK_MR_CASE(R) \
   case R:               \
-    return micro_kernel<K, R, NV>(a, b, d, c, ldc, ncols);
+    return micro_kernel<K, R, NV, Acc>(a, b, d, c, ldc, ncols);
     HATK_MR_CASE(1) HATK_MR_CASE(2) HATK_MR_CASE(3) HATK_MR_CASE(4) HATK_MR_CASE(5)
     HATK_MR_CASE(6) HATK_MR_CASE(7) HATK_MR_CASE(8) HATK_MR_CASE(9) HATK_MR_CASE(10)
     HATK_MR_CASE(11) HATK_MR_CASE(12)
@@ -170,8 +209,8 @@ HATK_VNNI inline void micro_dispatch(int64_t mr, const typename K::T* a, const t
 }
 
 // C [rows, cols] (leading dimension ldc) from a group's row blocks and a group's strips
-// (d: the elements of K::T per row, so d / 4 words of int8 codes for I8).
-template <class K = F32>
+// (d: the elements of K::T per row, so d / 4 words of int8 codes for I8); Acc: C += instead.
+template <class K = F32, bool Acc = false>
 HATK_VNNI inline void panel_gemm(const typename K::T* a, int64_t rows, const typename K::T* b,
                                  int64_t cols, int64_t d, typename K::T* c, int64_t ldc) {
   for (int64_t s0 = 0; s0 < cols; s0 += kNR) {
@@ -181,9 +220,9 @@ HATK_VNNI inline void panel_gemm(const typename K::T* a, int64_t rows, const typ
       const int64_t mr = std::min(kMR, rows - b0);
       typename K::T* cb = c + b0 * ldc + s0;
       if (nc > 16)
-        micro_dispatch<K, 2>(mr, a + b0 * d, strip, d, cb, ldc, nc);
+        micro_dispatch<K, 2, Acc>(mr, a + b0 * d, strip, d, cb, ldc, nc);
       else
-        micro_dispatch<K, 1>(mr, a + b0 * d, strip, d, cb, ldc, nc);
+        micro_dispatch<K, 1, Acc>(mr, a + b0 * d, strip, d, cb, ldc, nc);
     }
   }
 }
