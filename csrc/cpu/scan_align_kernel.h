@@ -409,6 +409,28 @@ std::vector<Workspace> make_workspaces(const Plan& pl, bool backward) {
   return ws;
 }
 
+#if HATK_CPU_AVX512
+// dS [rows, words] (row-major) as the micro-kernel's row blocks (max_gemm::pack_row_blocks'
+// layout: blocks of kMR rows, each [words][mr]), 16 words at a time through a 16 x 16
+// transpose instead of one float at a time. Reads up to 15 floats past a row (the tile
+// buffer's slack); they reach only transposed vectors that are not stored.
+void pack_dsim_blocks(const float* dsim, int64_t rows, int64_t words, float* dst) {
+  for (int64_t b0 = 0; b0 < rows; b0 += max_gemm::kMR) {
+    const int64_t mr = std::min(max_gemm::kMR, rows - b0);
+    const __mmask16 keep = static_cast<__mmask16>((1u << mr) - 1u);
+    float* blk = dst + b0 * words;
+    for (int64_t k0 = 0; k0 < words; k0 += kLanes) {
+      V16 v[kLanes];
+      for (int64_t i = 0; i < kLanes; ++i)
+        v[i] = i < mr ? load(dsim + (b0 + i) * words + k0) : V16{};
+      transpose16(v);
+      for (int64_t kk = 0; kk < std::min(kLanes, words - k0); ++kk)
+        _mm512_mask_storeu_ps(blk + (k0 + kk) * mr, keep, v[kk]);
+    }
+  }
+}
+#endif
+
 // dimg [rows, Dp] += dS T and dtxt [words, Dp] += dS^T V (the D columns) for a tile. At the
 // AVX-512 level on the forward's register-blocked micro-kernel, packing dS, dS^T, T and V
 // per tile (MKL's sgemm_ ran these products at about a third of the FMA peak on an AMD
@@ -420,8 +442,7 @@ void backward_gemms(const Plan& pl, const Tile& tile, const Workspace& w) {
 #if HATK_CPU_AVX512
   float* blocks = w.blocks.get();
   float* strips = w.strips_buf.get();
-  max_gemm::pack_row_blocks(PackedRows{w.dsim.get(), tile.words, tile.words}, 0, tile.rows,
-                            blocks);
+  pack_dsim_blocks(w.dsim.get(), tile.rows, tile.words, blocks);
   max_gemm::pack_col_strips_kmajor(tt, dp, tile.words, d, strips);
   max_gemm::panel_gemm<max_gemm::F32, true>(blocks, tile.rows, strips, d, tile.words,
                                             w.dimg.get(), dp);
