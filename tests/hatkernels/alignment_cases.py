@@ -88,6 +88,26 @@ def make_case(
     return case
 
 
+def min_abs_cosine(case: Case) -> float:
+    """The smallest ``|cos(v, t)|`` over every valid image token and word of every level.
+
+    Scan pooling normalises ``b = a / (|a| + eps)``; when a one-entry normalisation holds a
+    similarity of a few 1e-4 (so ``|a|`` is within a few hundred ``sqrt(eps)``), ``db/da =
+    eps / (|a| + eps)^2`` is of order 1 and float32's own rounding of the similarity (about
+    1e-7 of ``|v| |t|``) moves that gradient by percent: no float32 kernel can be held to the
+    float64 reference there."""
+    smallest = float("inf")
+    for v, t, vl, tl in zip(case.images, case.texts, case.image_lengths, case.text_lengths):
+        for i in range(v.shape[0]):
+            vi = v[i, : int(vl[i])].double()
+            for j in range(t.shape[0]):
+                tj = t[j, : int(tl[j])].double()
+                norms = vi.norm(dim=-1)[:, None] * tj.norm(dim=-1)[None, :]
+                cos = (vi @ tj.T).abs() / norms.clamp_min(1e-300)
+                smallest = min(smallest, float(cos.min()))
+    return smallest
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor, floor: float = 1e-30) -> float:
     """``||out - ref|| / max(||ref||, floor)`` (the floor guards gradients that are exactly
     zero in exact arithmetic, e.g. scan pooling at D = 1, where float noise is all there is)."""
@@ -148,7 +168,12 @@ def check_against_reference(
     assert out.dtype == torch.float32
     assert out.shape == ref.shape
     fwd_tol, grad_tol = TOLERANCE[dtype]
-    assert rel_err(out, ref) <= fwd_tol, f"scores: rel err {rel_err(out, ref):.3g}"
+    # A score is a sum of terms up to 1 in size (scan: cosines) or |v| |t| (max); one that
+    # cancels to near zero (a random run found a scan score of 2.6e-4 from cosines of 0.2,
+    # where the torch backend in float32 was off by 1e-4 of it) is held to 1e-3 per score.
+    score_floor = 1e-3 * ref.numel() ** 0.5
+    err = rel_err(out, ref, floor=score_floor)
+    assert err <= fwd_tol, f"scores: rel err {err:.3g}"
     if not grads:
         return
     cotangent = torch.randn(
