@@ -127,8 +127,10 @@ inline void pack_row_blocks_kmajor(const float* src, int64_t ld, int64_t k, int6
     const int64_t mr = std::min(kMR, rows - b0);
     const __mmask16 mask = static_cast<__mmask16>((1u << mr) - 1u);
     float* blk = dst + b0 * k;
-    for (int64_t kk = 0; kk < k; ++kk)
-      _mm512_mask_storeu_ps(blk + kk * mr, mask, _mm512_maskz_loadu_ps(mask, src + kk * ld + b0));
+    for (int64_t kk = 0; kk < k; ++kk) {
+      const __m512 row = _mm512_maskz_loadu_ps(mask, src + kk * ld + b0);
+      _mm512_mask_storeu_ps(blk + kk * mr, mask, row);
+    }
   }
 }
 
@@ -140,8 +142,9 @@ inline void pack_col_strips_kmajor(const float* src, int64_t ld, int64_t k, int6
     const __mmask16 lo = static_cast<__mmask16>((1u << std::min<int64_t>(nc, 16)) - 1u);
     const __mmask16 hi = static_cast<__mmask16>((1u << std::max<int64_t>(nc - 16, 0)) - 1u);
     for (int64_t kk = 0; kk < k; ++kk) {  // whole strips, zeros past cols
-      _mm512_store_ps(strip + kk * kNR, _mm512_maskz_loadu_ps(lo, src + kk * ld + s0));
-      _mm512_store_ps(strip + kk * kNR + 16, _mm512_maskz_loadu_ps(hi, src + kk * ld + s0 + 16));
+      const float* x = src + kk * ld + s0;
+      _mm512_store_ps(strip + kk * kNR, _mm512_maskz_loadu_ps(lo, x));
+      _mm512_store_ps(strip + kk * kNR + 16, _mm512_maskz_loadu_ps(hi, x + 16));
     }
   }
 }

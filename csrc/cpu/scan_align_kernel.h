@@ -207,6 +207,7 @@ struct PackedRows {
 // Everything one call shares: packed sides, blocks, tile counts.
 struct Plan {
   const Problem& prob;
+  bool backward;
   Side img, txt;
   std::vector<int64_t> img_blocks, txt_blocks;
   int64_t rows_max = 0, words_max = 0, n_img_blocks = 0, n_tiles = 0;
@@ -218,9 +219,11 @@ struct Plan {
   std::vector<int64_t> strip_start;
 #endif
 
-  // backward: full Gram matrices (the forward's are halved: scan::Attended).
+  // backward: full Gram matrices (the forward's are halved: scan::Attended) and the
+  // workspaces' gradient buffers.
   Plan(const Problem& p, bool backward)
       : prob(p),
+        backward(backward),
         img(pack_side(p.images, p.image_lengths, p.bi, p.m_max, p.d, "image_lengths")),
         txt(pack_side(p.texts, p.text_lengths, p.bt, p.n_max, p.d, "text_lengths")),
         t2i(p.direction != kI2T),
@@ -277,7 +280,7 @@ struct Workspace {
   Buffer dsim, dimg, dtxt, kimg, ktxt, dgram;
   Buffer blocks, strips_buf;  // the backward's packed operands (AVX-512: backward_gemms)
 
-  Workspace(const Plan& pl, bool backward) {
+  explicit Workspace(const Plan& pl) {
     const int64_t p_max = std::max(pl.img.max_len, pl.txt.max_len);
     qp_max = pad_lanes(p_max);
     width_max = std::max(qp_max, pl.img.dp);
@@ -289,7 +292,7 @@ struct Workspace {
     col = Buffer(3 * qp_max);
     row = Buffer(5 * p_max);
     lanes = Buffer(pad_lanes(p_max) * kLanes);
-    if (backward) {
+    if (pl.backward) {
 #if HATK_CPU_AVX512
       const int64_t strips = (pl.prob.d + max_gemm::kNR - 1) / max_gemm::kNR * max_gemm::kNR;
       blocks = Buffer(pl.rows_max * pl.words_max);
@@ -346,9 +349,7 @@ void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
 void load_block(const float* sim, int64_t ld, int64_t m, int64_t n, bool transpose, float* dst) {
   if (!transpose) {
     const int64_t np = pad_lanes(n), last = np - kLanes;
-    I16 lane;
-    for (int i = 0; i < 16; ++i) lane[i] = i;
-    const I16 tail = lane < static_cast<int32_t>(n - last);
+    const I16 tail = scan::lanes_below(n - last);
     for (int64_t r = 0; r < m; ++r) {
       for (int64_t c = 0; c < last; c += kLanes) store(dst + r * np + c, load(sim + r * ld + c));
       store(dst + r * np + last, tail ? load(sim + r * ld + last) : V16{});
@@ -382,10 +383,8 @@ void store_block(const float* src, int64_t m, int64_t n, bool transpose, bool ad
     }
   } else {
     const int64_t mp = pad_lanes(m);
-    I16 lane;
-    for (int i = 0; i < 16; ++i) lane[i] = i;
     for (int64_t w0 = 0; w0 < n; w0 += kLanes) {
-      const I16 mine = lane < static_cast<int32_t>(n - w0);
+      const I16 mine = scan::lanes_below(n - w0);
       for (int64_t r0 = 0; r0 < m; r0 += kLanes) {
         V16 v[kLanes];
         for (int64_t i = 0; i < kLanes; ++i)
@@ -401,11 +400,11 @@ void store_block(const float* src, int64_t m, int64_t n, bool transpose, bool ad
   }
 }
 
-std::vector<Workspace> make_workspaces(const Plan& pl, bool backward) {
+std::vector<Workspace> make_workspaces(const Plan& pl) {
   const int threads = std::max(1, std::min<int>(omp_get_max_threads(), pl.n_tiles));
   std::vector<Workspace> ws;
   ws.reserve(threads);
-  for (int t = 0; t < threads; ++t) ws.emplace_back(pl, backward);
+  for (int t = 0; t < threads; ++t) ws.emplace_back(pl);
   return ws;
 }
 
@@ -589,7 +588,7 @@ std::vector<int64_t> diagonal_order(const Plan& pl) {
 void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
   if (p.bi <= 0 || p.bt <= 0) return;
   const Plan pl(p, false);
-  std::vector<Workspace> ws = make_workspaces(pl, false);
+  std::vector<Workspace> ws = make_workspaces(pl);
   const int threads = static_cast<int>(ws.size());
 #pragma omp parallel num_threads(threads)
   {
@@ -634,7 +633,7 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
   std::memset(grad_texts, 0, static_cast<size_t>(p.bt * p.n_max * p.d) * 4);
   if (p.bi <= 0 || p.bt <= 0) return;
   const Plan pl(p, true);
-  std::vector<Workspace> ws = make_workspaces(pl, true);
+  std::vector<Workspace> ws = make_workspaces(pl);
   const int threads = static_cast<int>(ws.size());
   // Tiles are handed out in diagonal order by one counter (so every tile a tile waits for
   // was taken earlier, by a thread that is running it); an image block's rows receive their

@@ -16,8 +16,9 @@
 // sums of squares; per row, z and its exp in one sweep (shifted by |lambda|, which bounds
 // |z|, so no row maximum is needed while |lambda| <= kFixedShift); the normalisation of alpha
 // with num; alpha G (small_gemm) and |c|^2, or in the forward for long attended items
-// alpha^T H alpha in one pass over half the Gram matrix (half_gram_rows). What is summed per row (the softmax denominator,
-// num, |c|^2, the backward's <alpha, d alpha>) stays a vector until a sweep ends, and 16 rows
+// alpha^T H alpha in one pass over half the Gram matrix (half_gram_rows). What is summed per
+// row (the softmax denominator, num, |c|^2, the backward's <alpha, d alpha>) stays a vector
+// until a sweep ends, and 16 rows
 // are then summed at once (row_sums): separate horizontal sums per row cost more than the
 // row's exp. The vector exp, sqrt and division make the rest; the cosine quotients are
 // formed 16 rows at a time.
@@ -94,8 +95,8 @@ __attribute__((noinline)) inline void half_gram_rows(const float* a, int64_t qp,
 }
 
 // Column statistics and the attention of every row; fills s.alpha, s.y (not in half mode),
-// num = s.row, c2 = s.row + p. Columns >= q get alpha = 0. The per-row sums (softmax denominator, num,
-// |c|^2) are kept as vectors and summed 16 rows at a time (row_sums).
+// num = s.row, c2 = s.row + p. Columns >= q get alpha = 0. The per-row sums (softmax
+// denominator, num, |c|^2) are kept as vectors and summed 16 rows at a time (row_sums).
 inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
                            const Attended& att, float lam, const PairScratch& s) {
   float* sumsq = s.col;

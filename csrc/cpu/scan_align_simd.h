@@ -24,6 +24,13 @@ inline int64_t pad_lanes(int64_t x) { return (x + kLanes - 1) / kLanes * kLanes;
 // compiler must keep because -0 + 0 = +0).
 inline V16 splat(float x) { return V16{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 
+// The lanes below n (all for n >= 16, none for n <= 0), as a mask for a select.
+inline I16 lanes_below(int64_t n) {
+  I16 lane;
+  for (int i = 0; i < 16; ++i) lane[i] = i;
+  return lane < static_cast<int32_t>(n < 16 ? n : 16);
+}
+
 inline V16 load(const float* p) {
   V16 v;
   std::memcpy(&v, p, sizeof(V16));
