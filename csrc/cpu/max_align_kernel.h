@@ -678,7 +678,8 @@ void bounds(const Problem& p, bool transposed, double* lower, double* upper) {
 void scatter_winners(const Problem& p, const Plan& plan, const WinnersAt<const int32_t>& saved,
                      const float* g, float* grad_images, float* grad_texts) {
   const int64_t d = p.d;
-  const max_scatter::Side images{&plan.v_rows, &plan.v, {grad_images, &plan.v, p.m_max, d, 0, true}};
+  const max_scatter::Side images{&plan.v_rows, &plan.v,
+                                 {grad_images, &plan.v, p.m_max, d, 0, true}};
   const max_scatter::Side texts{&plan.t_rows, &plan.t, {grad_texts, &plan.t, p.n_max, d, 0, true}};
   max_scatter::backward({images, texts, saved.t2i, plan.t.rows, 1, g, plan.si, plan.sj, p.mean,
                          false}, d);
@@ -798,31 +799,32 @@ void backward(const Problem& p, bool transposed, const float* grad_out, float* g
 
 }  // namespace
 
-void max_align_forward(const Problem& p, float* out, int32_t* winners) {
+// Checks p and calls run(problem, swapped): an i2t problem runs as t2i with the sides swapped.
+template <class Run>
+void run_as_t2i(const Problem& p, Run run) {
   check(p);
   if (p.direction == kI2T)
-    forward(as_t2i(p), true, out, winners);
+    run(as_t2i(p), true);
   else
-    forward(p, false, out, winners);
+    run(p, false);
+}
+
+void max_align_forward(const Problem& p, float* out, int32_t* winners) {
+  run_as_t2i(p, [&](const Problem& q, bool swapped) { forward(q, swapped, out, winners); });
 }
 
 #if HATK_CPU_AVX512
 void max_align_bounds(const Problem& p, double* lower, double* upper) {
-  check(p);
-  if (p.direction == kI2T)
-    bounds(as_t2i(p), true, lower, upper);
-  else
-    bounds(p, false, lower, upper);
+  run_as_t2i(p, [&](const Problem& q, bool swapped) { bounds(q, swapped, lower, upper); });
 }
 #endif
 
 void max_align_backward(const Problem& p, const float* grad_out, float* grad_images,
                         float* grad_texts, const int32_t* winners) {
-  check(p);
-  if (p.direction == kI2T)
-    backward(as_t2i(p), true, grad_out, grad_texts, grad_images, winners);
-  else
-    backward(p, false, grad_out, grad_images, grad_texts, winners);
+  run_as_t2i(p, [&](const Problem& q, bool swapped) {
+    backward(q, swapped, grad_out, swapped ? grad_texts : grad_images,
+             swapped ? grad_images : grad_texts, winners);
+  });
 }
 
 }  // namespace hatkernels::cpu::HATK_CPU_LEVEL::max_kernel

@@ -213,6 +213,23 @@ inline void image_bound_terms(const Image& im, const Codes& qv, float& rbar, flo
   }
 }
 
+// Eight words at a time in double: the mask of the ones below n, their floats and int32s
+// widened, and the bound's error term E = rbar |y| + nbar rho_y (+ 1e-30) of words [x, x + 8).
+inline __mmask8 first_octet(int64_t n) {
+  return static_cast<__mmask8>(n >= 8 ? 0xffu : (1u << n) - 1u);
+}
+inline __m512d widen(__mmask8 m8, const float* p) {
+  return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m8, p));
+}
+inline __m512d widen(__mmask8 m8, const int32_t* p) {
+  return _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m8, p));
+}
+inline __m512d error_term(__m512d r_v, __m512d n_v, const Codes& qt, int64_t x, __mmask8 m8) {
+  return _mm512_add_pd(_mm512_fmadd_pd(r_v, widen(m8, qt.norm.data() + x),
+                                       _mm512_mul_pd(n_v, widen(m8, qt.radius.data() + x))),
+                       _mm512_set1_pd(1e-30));
+}
+
 // Bounds of every word's float32 maximum over one image, from its int32 similarities alone:
 // with P = S s (Dmax - 128 sum c') the largest quantised dot product and E the bound above,
 // every float32 dot product f of an image token with the word has |f - <x', y'>| <= E, so the
@@ -226,23 +243,17 @@ inline void bound_image(const Image& im, int64_t cols, int64_t w0, const Codes& 
   largest_d(im, cols, top, first);
   const __m512d scale_v = _mm512_set1_pd(qv.scale[im.r0]);
   const __m512d r_v = _mm512_set1_pd(rbar), n_v = _mm512_set1_pd(nbar);
-  const __m512d tiny = _mm512_set1_pd(1e-30), up = _mm512_set1_pd(1 + 1e-12);
+  const __m512d up = _mm512_set1_pd(1 + 1e-12);
   const __m512d rel = _mm512_set1_pd(1e-12), c128 = _mm512_set1_pd(128.0);
   for (int64_t w = 0; w < cols; w += 8) {
-    const __mmask8 m8 = static_cast<__mmask8>(cols - w >= 8 ? 0xffu : (1u << (cols - w)) - 1u);
+    const __mmask8 m8 = first_octet(cols - w);
     const int64_t x = w0 + w;
-    const auto wide = [&](const float* q) { return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m8, q)); };
-    const auto wide_int = [&](const int32_t* q) {
-      return _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m8, q));
-    };
     // P = S s (D - 128 sum c') and E, each in double; P - E and P + E widened past their
     // rounding.
-    const __m512d p = _mm512_mul_pd(_mm512_mul_pd(scale_v, wide(qt.scale.data() + x)),
-                                    _mm512_fnmadd_pd(c128, wide_int(qt.sum.data() + x),
-                                                     wide_int(top + w)));
-    const __m512d e = _mm512_add_pd(
-        _mm512_fmadd_pd(r_v, wide(qt.norm.data() + x), _mm512_mul_pd(n_v, wide(qt.radius.data() + x))),
-        tiny);
+    const __m512d p = _mm512_mul_pd(_mm512_mul_pd(scale_v, widen(m8, qt.scale.data() + x)),
+                                    _mm512_fnmadd_pd(c128, widen(m8, qt.sum.data() + x),
+                                                     widen(m8, top + w)));
+    const __m512d e = error_term(r_v, n_v, qt, x, m8);
     const __m512d margin = _mm512_fmadd_pd(e, up, _mm512_mul_pd(_mm512_abs_pd(p), rel));
     _mm512_mask_storeu_pd(lo + w, m8, _mm512_sub_pd(p, margin));
     _mm512_mask_storeu_pd(hi + w, m8, _mm512_add_pd(p, margin));
@@ -272,19 +283,13 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
   const __m512d scale_v = _mm512_set1_pd(qv.scale[im.r0]);
   const __m512d r_v = _mm512_set1_pd(rbar), n_v = _mm512_set1_pd(nbar);
   for (int64_t w = 0; w < cols; w += 8) {
-    const __mmask8 m8 =
-        static_cast<__mmask8>(cols - w >= 8 ? 0xffu : (1u << (cols - w)) - 1u);
+    const __mmask8 m8 = first_octet(cols - w);
     const int64_t x = w0 + w;
-    const auto wide = [&](const float* p) {
-      return _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m8, p));
-    };
-    const __m512d e = _mm512_add_pd(
-        _mm512_fmadd_pd(r_v, wide(qt.norm.data() + x), _mm512_mul_pd(n_v, wide(qt.radius.data() + x))),
-        _mm512_set1_pd(1e-30));
+    const __m512d e = error_term(r_v, n_v, qt, x, m8);
     const __m512d t = _mm512_fmadd_pd(
-        _mm512_set1_pd(128.0),
-        _mm512_cvtepi32_pd(_mm256_maskz_loadu_epi32(m8, qt.sum.data() + x)),
-        _mm512_div_pd(_mm512_sub_pd(wide(q + w), e), _mm512_mul_pd(scale_v, wide(qt.scale.data() + x))));
+        _mm512_set1_pd(128.0), widen(m8, qt.sum.data() + x),
+        _mm512_div_pd(_mm512_sub_pd(widen(m8, q + w), e),
+                      _mm512_mul_pd(scale_v, widen(m8, qt.scale.data() + x))));
     // Rounded down by far more than the double rounding of t. A value that is not finite or
     // past the int32 range converts to INT32_MIN: the word keeps every row.
     const __m512d low = _mm512_sub_pd(
