@@ -61,6 +61,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "cpu/gemm.h"
@@ -82,6 +83,11 @@ using max_tiles::RowDest;
 // Tile targets (tokens): tiles hold C and both operand panels in L2.
 constexpr int64_t kTileRows = 400, kTileCols = 384;
 constexpr int64_t kBackwardRows = 400, kBackwardCols = 384;
+// Screened tiles without AMX hold more images: their words' float32 rows, which the
+// candidates' dot products read, come from memory once for every 32 images of 49 tokens rather
+// than every 8 (W1 with AVX-512 VNNI: 1,600 rows ran 1.13x faster than 400, 3,200 1.10x).
+// Their int8 GEMM runs kScreenGroup images at a time, so their similarities take little room.
+constexpr int64_t kScreenTileRows = 1600, kScreenGroup = 4;
 // Bytes of gradient partials (all chunks together) per backward step
 // (overridable at build time so that tests can force many steps).
 #ifndef HATK_MAX_PARTIAL_BUDGET
@@ -503,122 +509,211 @@ int64_t screen_ldc(const Problem& p, int64_t cols) {
   return p.amx ? (cols + max_amx::kBlock - 1) / max_amx::kBlock * max_amx::kBlock : cols;
 }
 
-// The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
-// float32 kernel (too many candidates). Writes the winners where kept (at.t2i) and sets tied
-// when one of them is kTied (a NaN maximum counts as tied, as in max_pool::column_winners).
-// Tile t's int32 similarities from the int8 codes into s.c (leading dimension: returned).
-int64_t screen_gemm(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s) {
+// Rows [begin, end) of tile t's int32 similarities from the int8 codes into c (row begin, leading
+// dimension screen_ldc); begin is a multiple of max_gemm::kMR (the panels' row blocks start at
+// the tile's first row).
+void screen_gemm(const Problem& p, const Plan& plan, const Tile& t, int32_t* c, int64_t begin,
+                 int64_t end) {
   const int64_t d4 = plan.qv.d4;
   const int32_t* b8 = plan.b8.data() + plan.b_start[t.b] / p.d * d4;
   const int64_t ldc = screen_ldc(p, t.cols);
   if (p.amx)
-    max_amx::gemm(plan.qv.row(t.r0), t.rows, b8, t.cols, d4, s.c.data(), ldc);
+    max_amx::gemm(plan.qv.row(t.r0 + begin), end - begin, b8, t.cols, d4, c, ldc);
   else
-    max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + t.r0 * d4, t.rows, b8, t.cols, d4,
-                                       s.c.data(), ldc);
-  return ldc;
+    max_gemm::panel_gemm<max_gemm::I8>(plan.a8.data() + (t.r0 + begin) * d4, end - begin, b8,
+                                       t.cols, d4, c, ldc);
 }
+
+// Rows of a screened tile: AMX computes a whole tile's int8 GEMM at once (max_align_amx.h), so
+// its tiles keep the float32 kernel's size.
+int64_t screen_tile_rows(const Problem& p) { return p.amx ? kTileRows : kScreenTileRows; }
 
 // Per-thread buffers of a screened pass over tiles (and its AMX configuration).
 max_screen::Scratch screen_scratch(const Problem& p, const Plan& plan) {
   max_screen::Scratch s;
-  const int64_t extra = p.amx ? max_amx::kBlock : 0;
-  s.c.resize((plan.max_rows + extra) * screen_ldc(p, plan.max_cols));
+  const int64_t rows = p.amx ? plan.max_rows + max_amx::kBlock
+                             : std::min(plan.max_rows, kScreenGroup * p.m_max) + max_gemm::kMR;
+  s.c.resize(rows * screen_ldc(p, plan.max_cols));
   s.win.resize(plan.max_cols);
   s.thr.resize(plan.max_cols);
-  s.first.resize(plan.max_cols);
+  s.first.resize(kScreenGroup * plan.max_cols);
+  s.best.resize(kScreenGroup * plan.max_cols);
+  s.cand.resize((std::min(plan.max_rows, p.m_max) + 1) * 16);
   if (p.amx) max_amx::configure();
   return s;
 }
 
+// Calls f(ims, n, i0) for tile t's images in groups of at most kScreenGroup (ims: the n images
+// from image i0, their int32 similarities computed) while f returns true; returns whether every
+// call did. Without AMX the int8 GEMM runs group by group, just before the group is screened
+// (whole row blocks: the block a group shares with the one before is moved to the front of s.c,
+// not recomputed), so s.c holds one group; AMX computes the whole tile first.
+template <class F>
+bool for_screened_groups(const Problem& p, const Plan& plan, const Tile& t,
+                         max_screen::Scratch& s, F&& f) {
+  constexpr int64_t kMR = max_gemm::kMR;
+  const int64_t ldc = screen_ldc(p, t.cols);
+  int64_t base = 0, done = 0;  // s.c holds the tile's rows [base, done)
+  if (p.amx) {
+    screen_gemm(p, plan, t, s.c.data(), 0, t.rows);
+    done = t.rows;
+  }
+  max_screen::Image ims[kScreenGroup];
+  for (int64_t i0 = t.i0; i0 < t.i1; i0 += kScreenGroup) {
+    const int64_t n = std::min(kScreenGroup, t.i1 - i0);
+    if (!p.amx) {
+      const int64_t lo = (plan.v.off[i0] - t.r0) / kMR * kMR;
+      const int64_t hi = std::min(t.rows, (plan.v.off[i0 + n] - t.r0 + kMR - 1) / kMR * kMR);
+      // The group's rows start in a block the previous group computed (done >= lo).
+      std::memmove(s.c.data(), s.c.data() + (lo - base) * ldc, (done - lo) * ldc * sizeof(int32_t));
+      base = lo;
+      if (hi > done) {
+        screen_gemm(p, plan, t, s.c.data() + (done - base) * ldc, done, hi);
+        done = hi;
+      }
+    }
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t r0 = plan.v.off[i0 + k];
+      ims[k] = {s.c.data() + (r0 - t.r0 - base) * ldc, p.image_lengths[i0 + k], ldc, r0};
+    }
+    if (!f(ims, n, i0)) return false;
+  }
+  return true;
+}
+
+// The t2i forward of tile t by screening (max_align_screen.h); false when the tile needs the
+// float32 kernel (too many candidates). Writes the winners where kept (at.t2i) and sets tied
+// when one of them is kTied (a NaN maximum counts as tied, as in max_pool::column_winners).
 bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen::Scratch& s,
-                   const WinnersAt<int32_t>& at, float* q, float* out, bool& tied) {
-  const int64_t ldc = screen_gemm(p, plan, t, s);
+                   const WinnersAt<int32_t>& at, float* out, bool& tied) {
   const int64_t limit = t.rows * t.cols / max_screen::kMaxCandidateShare;
   int64_t extra = 0;
   bool tile_tied = false;
-  for (int64_t i = t.i0; i < t.i1; ++i) {
-    const int64_t r0 = plan.v.off[i];
-    const max_screen::Image im{s.c.data() + (r0 - t.r0) * ldc, p.image_lengths[i], ldc, r0};
-    extra += max_screen::screen_image(im, t.cols, t.w0, plan.qv, plan.qt, plan.v_rows,
-                                      plan.t_rows, q, s.win.data(), s.thr.data(),
-                                      s.first.data());
-    if (extra > limit) return false;
-    if (at.t2i) {
-      for (int64_t w = 0; w < t.cols; ++w)
-        if (q[w] != q[w]) s.win[w] = max_pool::kTied;
-      tile_tied = store_t2i_winners(plan, t, i, s.win.data(), at.t2i) || tile_tied;
+  const bool kept = for_screened_groups(p, plan, t, s, [&](const max_screen::Image* ims,
+                                                          int64_t n, int64_t i0) {
+    max_screen::best_rows(ims, n, t.cols, t.w0, plan.v_rows, plan.t_rows, s.thr.data(),
+                          s.first.data(), s.best.data());
+    for (int64_t k = 0; k < n; ++k) {
+      float* q = s.best.data() + k * t.cols;
+      extra += max_screen::screen_image(ims[k], t.cols, t.w0, plan.qv, plan.qt, plan.v_rows,
+                                        plan.t_rows, q, s.win.data(), s.thr.data(),
+                                        s.first.data() + k * t.cols, s.cand.data());
+      if (extra > limit) return false;
+      if (at.t2i) {
+        for (int64_t w = 0; w < t.cols; ++w)
+          if (q[w] != q[w]) s.win[w] = max_pool::kTied;
+        tile_tied = store_t2i_winners(plan, t, i0 + k, s.win.data(), at.t2i) || tile_tied;
+      }
+      write_t2i(p, plan, t, i0 + k, q, out);
     }
-    write_t2i(p, plan, t, i, q, out);
-  }
-  tied = tied || tile_tied;
-  return true;
+    return true;
+  });
+  tied = tied || (kept && tile_tied);
+  return kept;
 }
 
 #endif
 
+// Writes the tile's scores (and winners) with the float32 kernel; returns whether one of its
+// winners is kTied.
+bool float_tile(const Problem& p, const Plan& plan, const Tile& t, float* c, float* q,
+                float* acc, const WinnersOut& win, float* out) {
+  ensure_packed(plan, t);
+  similarities(plan, t, p.d, c);
+  return pool_tile(p, plan, t, c, q, acc, win, out);
+}
+
+// The forward's per-thread float32 buffers and winners' scratch.
+struct FloatScratch {
+  std::unique_ptr<float[]> c, q, acc;
+  std::vector<int32_t> word, row;
+  WinnersOut win;
+  FloatScratch(const Plan& plan, const WinnersAt<int32_t>& at)
+      : c(max_tiles::scratch(plan.max_rows * plan.max_cols)),
+        q(max_tiles::scratch(plan.max_cols)),
+        acc(max_tiles::scratch(plan.max_caps)),
+        word(at.t2i ? plan.max_cols : 0),
+        row(word.size()),
+        win{at, word.data(), row.data()} {}
+  bool tile(const Problem& p, const Plan& plan, const Tile& t, float* out) {
+    return float_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out);
+  }
+};
+
+#if HATK_CPU_AVX512
 // Which tiles of a call are screened: kProbeTiles tiles spread over the call are screened
 // first; when more than one in kGiveUpShare of them falls back (data that defeats screening),
-// every other tile runs the float32 kernel, so such data costs little more than float32. The
-// choice depends only on the inputs (not on the thread count or the scheduling), so results
-// stay bit-identical from run to run.
+// the call gives up screening (screened_forward returns false) and runs as the float32 kernel,
+// so such data costs little more than float32. The choice depends only on the inputs (not on
+// the thread count or the scheduling), so results stay bit-identical from run to run.
 constexpr int64_t kProbeTiles = 8, kGiveUpShare = 8;
 
-void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
-#if HATK_CPU_AVX512
-  const bool screen = p.screen && p.direction == kT2I && p.d >= max_screen::kMinDim;
-#else
-  const bool screen = false;
-#endif
+// The t2i forward by screening, tile by tile (a tile with too many candidates runs the float32
+// kernel); false, with nothing kept, when the probe tiles give up.
+bool screened_forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
   const Plan plan =
-      make_plan(p, kTileRows, kTileCols, transposed, screen ? Pack::kLazy : Pack::kNow, screen);
+      make_plan(p, screen_tile_rows(p), kTileCols, transposed, Pack::kLazy, true);
   const WinnersAt<int32_t> at = winners_at(p, plan, winners);
-  bool tied = false;
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
-#if HATK_CPU_AVX512
-  // Probe tiles (screened forwards only): probe j is tile j * n_tiles / n_probe; probed[k]:
-  // 1 when tile k was screened by the probe, 2 when it fell back.
+  // Probe j is tile j * n_tiles / n_probe; probed[k]: 1 when tile k was screened by the probe,
+  // 2 when it fell back.
   const int64_t n_tiles = n_ig * n_cg;
-  const int64_t n_probe = screen ? std::min(kProbeTiles, n_tiles) : 0;
-  std::vector<char> probed(screen ? n_tiles : 0, 0);
-#endif
+  const int64_t n_probe = std::min(kProbeTiles, n_tiles);
+  std::vector<char> probed(n_tiles, 0);
+  bool tied = false, keep = true;
 #pragma omp parallel reduction(|| : tied)
   {
     const SingleThreadedBlas one_blas_thread;
-    auto c = max_tiles::scratch(plan.max_rows * plan.max_cols);
-    auto q = max_tiles::scratch(plan.max_cols);
-    auto acc = max_tiles::scratch(plan.max_caps);
-    std::vector<int32_t> word(at.t2i ? plan.max_cols : 0), row(word.size());
-    const WinnersOut win{at, word.data(), row.data()};
-#if HATK_CPU_AVX512
-    max_screen::Scratch s = screen ? screen_scratch(p, plan) : max_screen::Scratch{};
+    max_screen::Scratch s = screen_scratch(p, plan);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t j = 0; j < n_probe; ++j) {
       const int64_t k = j * n_tiles / n_probe;
-      const Tile t = tile_of(plan, k / n_cg, k % n_cg);
-      probed[k] = screened_tile(p, plan, t, s, at, q.get(), out, tied) ? 1 : 2;
+      probed[k] = screened_tile(p, plan, tile_of(plan, k / n_cg, k % n_cg), s, at, out, tied)
+                      ? 1 : 2;
     }
     // Implicit barrier: every probe is done.
     int64_t fell = 0;
     for (int64_t j = 0; j < n_probe; ++j) fell += probed[j * n_tiles / n_probe] == 2;
-    const bool keep = screen && fell * kGiveUpShare <= n_probe;
-#endif
+    if (fell * kGiveUpShare <= n_probe) {
+      std::optional<FloatScratch> f;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_ig * n_cg; ++k) {
-      const Tile t = tile_of(plan, k / n_cg, k % n_cg);
-#if HATK_CPU_AVX512
-      if (screen && (probed[k] == 1 ||
-                     (!probed[k] && keep && screened_tile(p, plan, t, s, at, q.get(), out, tied))))
-        continue;
-#endif
-      ensure_packed(plan, t);
-      similarities(plan, t, p.d, c.get());
-      tied = pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out) || tied;
+      for (int64_t k = 0; k < n_tiles; ++k) {
+        const Tile t = tile_of(plan, k / n_cg, k % n_cg);
+        if (probed[k] == 1 || (!probed[k] && screened_tile(p, plan, t, s, at, out, tied)))
+          continue;
+        if (!f) f.emplace(plan, at);
+        tied = f->tile(p, plan, t, out) || tied;
+      }
+    } else {
+#pragma omp single
+      keep = false;
     }
-#if HATK_CPU_AVX512
-    if (screen && p.amx) max_amx::release();
+    if (p.amx) max_amx::release();
+  }
+  if (keep && winners) winners[max_align_winners_size(p) - 1] = tied ? 1 : 0;
+  return keep;
+}
 #endif
+
+void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
+#if HATK_CPU_AVX512
+  if (p.screen && p.direction == kT2I && p.d >= max_screen::kMinDim &&
+      screened_forward(p, transposed, out, winners))
+    return;
+#endif
+  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, Pack::kNow);
+  const WinnersAt<int32_t> at = winners_at(p, plan, winners);
+  bool tied = false;
+  const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
+  const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
+#pragma omp parallel reduction(|| : tied)
+  {
+    const SingleThreadedBlas one_blas_thread;
+    FloatScratch f(plan, at);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_ig * n_cg; ++k)
+      tied = f.tile(p, plan, tile_of(plan, k / n_cg, k % n_cg), out) || tied;
   }
   if (winners) winners[max_align_winners_size(p) - 1] = tied ? 1 : 0;
 }
@@ -630,7 +725,7 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
 // gamma_n sum |f_w|, gamma_n = n u / (1 - n u)), then for mean one division (relative u):
 // both are added to the interval, rounded outward.
 void bounds(const Problem& p, bool transposed, double* lower, double* upper) {
-  const Plan plan = make_plan(p, kTileRows, kTileCols, transposed, Pack::kNone, true);
+  const Plan plan = make_plan(p, screen_tile_rows(p), kTileCols, transposed, Pack::kNone, true);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
   const double u = std::ldexp(1.0, -24);
@@ -641,32 +736,34 @@ void bounds(const Problem& p, bool transposed, double* lower, double* upper) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t k = 0; k < n_ig * n_cg; ++k) {
       const Tile t = tile_of(plan, k / n_cg, k % n_cg);
-      const int64_t ldc = screen_gemm(p, plan, t, s);
-      for (int64_t i = t.i0; i < t.i1; ++i) {
-        const int64_t r0 = plan.v.off[i];
-        const max_screen::Image im{s.c.data() + (r0 - t.r0) * ldc, p.image_lengths[i], ldc, r0};
-        max_screen::bound_image(im, t.cols, t.w0, plan.qv, plan.qt, s.thr.data(),
-                                s.first.data(), lo.data(), hi.data());
-        for (int64_t j = t.j0; j < t.j1; ++j) {
-          const int64_t n = p.text_lengths[j], w0 = plan.t.off[j] - t.w0;
-          double a = 0, b = 0, mag = 0;
-          for (int64_t w = w0; w < w0 + n; ++w) {
-            a += lo[w];
-            b += hi[w];
-            mag += std::max(std::fabs(lo[w]), std::fabs(hi[w]));
+      for_screened_groups(p, plan, t, s, [&](const max_screen::Image* ims, int64_t count,
+                                             int64_t i0) {
+        for (int64_t g = 0; g < count; ++g) {
+          const int64_t i = i0 + g;
+          max_screen::bound_image(ims[g], t.cols, t.w0, plan.qv, plan.qt, s.thr.data(),
+                                  s.first.data(), lo.data(), hi.data());
+          for (int64_t j = t.j0; j < t.j1; ++j) {
+            const int64_t n = p.text_lengths[j], w0 = plan.t.off[j] - t.w0;
+            double a = 0, b = 0, mag = 0;
+            for (int64_t w = w0; w < w0 + n; ++w) {
+              a += lo[w];
+              b += hi[w];
+              mag += std::max(std::fabs(lo[w]), std::fabs(hi[w]));
+            }
+            const double gamma = n * u / (1 - n * u);
+            const double sum_margin = (gamma * mag + 1e-30) * (1 + 1e-12) + 1e-12 * mag;
+            a -= sum_margin;
+            b += sum_margin;
+            if (p.mean) {
+              a = a / n - (std::fabs(a) / n) * 2 * u;
+              b = b / n + (std::fabs(b) / n) * 2 * u;
+            }
+            lower[i * plan.si + j * plan.sj] = a;
+            upper[i * plan.si + j * plan.sj] = b;
           }
-          const double gamma = n * u / (1 - n * u);
-          const double sum_margin = (gamma * mag + 1e-30) * (1 + 1e-12) + 1e-12 * mag;
-          a -= sum_margin;
-          b += sum_margin;
-          if (p.mean) {
-            a = a / n - (std::fabs(a) / n) * 2 * u;
-            b = b / n + (std::fabs(b) / n) * 2 * u;
-          }
-          lower[i * plan.si + j * plan.sj] = a;
-          upper[i * plan.si + j * plan.sj] = b;
         }
-      }
+        return true;
+      });
     }
     if (p.amx) max_amx::release();
   }

@@ -32,12 +32,14 @@
 //
 // Cost. Per image, a max pass and a compare pass over its int32 rows, one float32 dot product
 // per word for r* and one per extra candidate; the int8 GEMM runs on AMX tiles where usable
-// (max_align_amx.h), else on AVX-512 VNNI (4x the multiply-adds of float32 per instruction). The dot products are what remains expensive (two 1 KiB rows
-// from L2 each, about 10 GEMM entries' worth), which is why the bound waits for v: it leaves
-// 0.76 extra candidates per word and image of 49 random unit tokens at d = 256, where a bound
-// from the quantised values alone leaves 2. A tile that leaves more than one extra candidate
-// per kMaxCandidateShare entries (near-ties, huge dynamic range) is given to the float32
-// kernel, and so is a whole call whose probe tiles fall back (max_align_kernel.h).
+// (max_align_amx.h), else on AVX-512 VNNI (4x the multiply-adds of float32 per instruction).
+// The dot products are what remains expensive (two 1 KiB rows each, often from memory: a
+// screened tile holds many images so that its words' rows are fetched once for all of them,
+// max_align_kernel.h), which is why the bound waits for v: it leaves 0.76 extra candidates per
+// word and image of 49 random unit tokens at d = 256, where a bound from the quantised values
+// alone leaves 2. A tile that leaves more than one extra candidate per kMaxCandidateShare
+// entries (near-ties, huge dynamic range) is given to the float32 kernel, and so is a whole
+// call whose probe tiles fall back (max_align_kernel.h).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -150,22 +152,36 @@ inline __mmask16 first_lanes(int64_t n) {
   return static_cast<__mmask16>(n >= 16 ? 0xffffu : (1u << n) - 1u);
 }
 
-// <x, y> over d floats (the candidates' float32 recomputation).
-inline float dot(const float* x, const float* y, int64_t d) {
-  __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
-                   _mm512_setzero_ps()};
+// Horizontal sums of four vectors: lanes 0-3 of the result.
+inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 e) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 ce = _mm512_add_ps(_mm512_unpacklo_ps(c, e), _mm512_unpackhi_ps(c, e));
+  // Per 128-bit lane: a, b, c, e partial sums in lanes 0-3.
+  const __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, ce, 0x44), _mm512_shuffle_ps(ab, ce, 0xee));
+  const __m256 y = _mm256_add_ps(_mm512_castps512_ps256(x),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
+}
+
+// <x_i, y_i> for four pairs of rows over d floats: lanes 0-3 (independent chains, one
+// horizontal reduction for the four).
+inline __m128 dot4(const float* const* x, const float* const* y, int64_t d) {
+  __m512 acc[8];
+  for (int v = 0; v < 8; ++v) acc[v] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 64 <= d; k += 64)
-    for (int v = 0; v < 4; ++v)
-      acc[v] = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16 * v), _mm512_loadu_ps(y + k + 16 * v),
-                               acc[v]);
+  for (; k + 32 <= d; k += 32)
+    for (int h = 0; h < 2; ++h)
+      for (int i = 0; i < 4; ++i)
+        acc[2 * i + h] = _mm512_fmadd_ps(_mm512_loadu_ps(x[i] + k + 16 * h),
+                                         _mm512_loadu_ps(y[i] + k + 16 * h), acc[2 * i + h]);
   for (; k < d; k += 16) {
     const __mmask16 m = first_lanes(d - k);
-    acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + k), _mm512_maskz_loadu_ps(m, y + k),
-                             acc[0]);
+    for (int i = 0; i < 4; ++i)
+      acc[2 * i] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x[i] + k),
+                                   _mm512_maskz_loadu_ps(m, y[i] + k), acc[2 * i]);
   }
-  return _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+  return sum4(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]),
+              _mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7]));
 }
 
 // Per-thread buffers of a screened tile.
@@ -173,7 +189,9 @@ struct Scratch {
   std::vector<int32_t> c;      // int32 similarities [rows, cols]
   std::vector<int32_t> win;    // cols: every word's winning row within the image, or kTied
   std::vector<int32_t> thr;    // cols: every word's threshold on D
-  std::vector<int32_t> first;  // cols: every word's first row with the largest D
+  std::vector<int32_t> first;  // [images, cols]: every word's first row with the largest D
+  std::vector<float> best;     // [images, cols]: the float32 dot products of those rows
+  std::vector<int32_t> cand;   // one image's candidates in 16 words (image rows x 16, + 16)
 };
 
 // One image of a screened tile: its int32 similarities ci [m, cols] (leading dimension ldc),
@@ -183,23 +201,31 @@ struct Image {
   int64_t m, ldc, r0;
 };
 
-// Every word's largest D over one image (top) and the first row reaching it (first).
+// Every word's largest D over one image (top) and the first row reaching it (first): 64 words
+// at a time down the image's rows, their running maxima in registers.
 inline void largest_d(const Image& im, int64_t cols, int32_t* top, int32_t* first) {
-  const auto lanes = [&](int64_t w) { return first_lanes(cols - w); };
-  for (int64_t w = 0; w < cols; w += 16) {
-    _mm512_mask_storeu_epi32(top + w, lanes(w), _mm512_maskz_loadu_epi32(lanes(w), im.ci + w));
-    _mm512_mask_storeu_epi32(first + w, lanes(w), _mm512_setzero_si512());
-  }
-  for (int64_t r = 1; r < im.m; ++r) {
-    const int32_t* cr = im.ci + r * im.ldc;
-    const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
-    for (int64_t w = 0; w < cols; w += 16) {
-      const __mmask16 m16 = lanes(w);
-      const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
-      const __m512i best = _mm512_maskz_loadu_epi32(m16, top + w);
-      const __mmask16 gt = _mm512_mask_cmpgt_epi32_mask(m16, x, best);
-      _mm512_mask_storeu_epi32(top + w, gt, x);
-      _mm512_mask_storeu_epi32(first + w, gt, row);
+  constexpr int kV = 4;
+  for (int64_t w = 0; w < cols; w += 16 * kV) {
+    __mmask16 m16[kV];
+    __m512i best[kV], arg[kV];
+    for (int v = 0; v < kV; ++v) {
+      m16[v] = first_lanes(std::max<int64_t>(cols - w - 16 * v, 0));
+      best[v] = _mm512_maskz_loadu_epi32(m16[v], im.ci + w + 16 * v);
+      arg[v] = _mm512_setzero_si512();
+    }
+    for (int64_t r = 1; r < im.m; ++r) {
+      const int32_t* cr = im.ci + r * im.ldc + w;
+      const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
+      for (int v = 0; v < kV; ++v) {
+        const __m512i x = _mm512_maskz_loadu_epi32(m16[v], cr + 16 * v);
+        const __mmask16 gt = _mm512_cmpgt_epi32_mask(x, best[v]);
+        best[v] = _mm512_mask_mov_epi32(best[v], gt, x);
+        arg[v] = _mm512_mask_mov_epi32(arg[v], gt, row);
+      }
+    }
+    for (int v = 0; v < kV; ++v) {
+      _mm512_mask_storeu_epi32(top + w + 16 * v, m16[v], best[v]);
+      _mm512_mask_storeu_epi32(first + w + 16 * v, m16[v], arg[v]);
     }
   }
 }
@@ -260,26 +286,47 @@ inline void bound_image(const Image& im, int64_t cols, int64_t w0, const Codes& 
   }
 }
 
-// Screens one image against the tile's words: writes every word's float32 maximum to q and
-// its winning row (within the image) to win (max_pool::kTied when candidates tie exactly), and
-// returns the number of extra candidates
-// (tokens recomputed besides each word's best by D). The passes run row by row, so the int32
-// similarities are read in order; per-word state (thr: cols int32) stays in L1.
+// Pass 1 of screening for n images of a tile (ims) against its words: every word's first row
+// with the largest D in each image (first: [n, cols]) and that row's float32 dot product with
+// the word (best: [n, cols]); top is scratch (cols int32). The dot products run word by word
+// across the images, four at a time (dot4).
+inline void best_rows(const Image* ims, int64_t n, int64_t cols, int64_t w0,
+                      const max_gemm::Rows& v_rows, const max_gemm::Rows& t_rows, int32_t* top,
+                      int32_t* first, float* best) {
+  const int64_t d = v_rows.d;
+  for (int64_t k = 0; k < n; ++k) largest_d(ims[k], cols, top, first + k * cols);
+  for (int64_t w = 0; w < cols; ++w) {
+    const float* y = t_rows.row(w0 + w);
+    const float* ys[4] = {y, y, y, y};
+    for (int64_t k = 0; k < n; k += 4) {
+      const float* x[4];
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t j = std::min(k + i, n - 1);
+        x[i] = v_rows.row(ims[j].r0 + first[j * cols + w]);
+      }
+      float v[4];
+      _mm_storeu_ps(v, dot4(x, ys, d));
+      for (int64_t i = 0; i < std::min<int64_t>(4, n - k); ++i) best[(k + i) * cols + w] = v[i];
+    }
+  }
+}
+
+// Screens one image against the tile's words, after best_rows: q and first hold every word's
+// best row r* and its float32 value, q then its float32 maximum; writes its winning row
+// (within the image) to win (max_pool::kTied when candidates tie exactly), and returns the
+// number of extra candidates (tokens recomputed besides each word's r*). cand: scratch for
+// (m + 1) x 16 entries (m: the image's rows, below 2^27).
 inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Codes& qv,
                             const Codes& qt, const max_gemm::Rows& v_rows,
                             const max_gemm::Rows& t_rows, float* q, int32_t* win,
-                            int32_t* thr, int32_t* first) {
+                            int32_t* thr, const int32_t* first, int32_t* cand) {
   const int64_t d = v_rows.d;
   float rbar, nbar;
   image_bound_terms(im, qv, rbar, nbar);
   const auto lanes = [&](int64_t w) { return first_lanes(cols - w); };
-  // Pass 1: every word's largest D (in thr for now) and its first row r*.
-  largest_d(im, cols, thr, first);
-  // The best rows' float32 values, then every word's threshold on D.
-  for (int64_t w = 0; w < cols; ++w) {
-    q[w] = dot(v_rows.row(im.r0 + first[w]), t_rows.row(w0 + w), d);
-    win[w] = first[w];
-  }
+  // Every word's best row r* (first) and its float32 value (q) come from best_rows.
+  for (int64_t w = 0; w < cols; ++w) win[w] = first[w];
+  // Every word's threshold on D.
   const __m512d scale_v = _mm512_set1_pd(qv.scale[im.r0]);
   const __m512d r_v = _mm512_set1_pd(rbar), n_v = _mm512_set1_pd(nbar);
   for (int64_t w = 0; w < cols; w += 8) {
@@ -297,25 +344,45 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
     _mm256_mask_storeu_epi32(thr + w, m8,
                              _mm512_cvt_roundpd_epi32(low, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
   }
-  // Pass 2: every other row at or above its word's threshold is recomputed.
+  // Every other row at or above its word's threshold is recomputed: 16 words at a time down
+  // the image's rows, their thresholds and best rows in registers. The rows' hits are gathered
+  // first without a branch (row << 4 | lane, in row order), then recomputed four at a time:
+  // a branch per row and 16 words, taken about once in four on random data, mispredicts often
+  // (W1: 1.12x faster this way).
   int64_t extra = 0;
-  for (int64_t r = 0; r < im.m; ++r) {
-    const int32_t* cr = im.ci + r * im.ldc;
-    const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
-    for (int64_t w = 0; w < cols; w += 16) {
-      const __mmask16 m16 = lanes(w);
-      const __m512i x = _mm512_maskz_loadu_epi32(m16, cr + w);
-      uint32_t hits = _mm512_mask_cmpge_epi32_mask(m16, x, _mm512_maskz_loadu_epi32(m16, thr + w)) &
-                      ~_mm512_cmpeq_epi32_mask(_mm512_maskz_loadu_epi32(m16, first + w), row);
-      while (hits) {
-        const int64_t l = w + __builtin_ctz(hits);
-        hits &= hits - 1;
-        ++extra;
-        const float v = dot(v_rows.row(im.r0 + r), t_rows.row(w0 + l), d);
-        if (v > q[l]) {
-          q[l] = v;
-          win[l] = static_cast<int32_t>(r);
-        } else if (v == q[l]) {
+  const __m512i lane_ids = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  for (int64_t w = 0; w < cols; w += 16) {
+    const __mmask16 m16 = lanes(w);
+    const __m512i thr_v = _mm512_maskz_loadu_epi32(m16, thr + w);
+    const __m512i first_v = _mm512_maskz_loadu_epi32(m16, first + w);
+    int64_t n = 0;
+    for (int64_t r = 0; r < im.m; ++r) {
+      const __m512i x = _mm512_maskz_loadu_epi32(m16, im.ci + r * im.ldc + w);
+      const __m512i row = _mm512_set1_epi32(static_cast<int32_t>(r));
+      const __mmask16 hits = _mm512_mask_cmpge_epi32_mask(m16, x, thr_v) &
+                             ~_mm512_cmpeq_epi32_mask(first_v, row);
+      _mm512_storeu_si512(cand + n, _mm512_maskz_compress_epi32(
+                                        hits, _mm512_or_si512(_mm512_slli_epi32(row, 4), lane_ids)));
+      n += __builtin_popcount(hits);
+    }
+    extra += n;
+    for (int64_t c = 0; c < n; c += 4) {
+      const float* x[4];
+      const float* y[4];
+      for (int i = 0; i < 4; ++i) {
+        const int32_t e = cand[std::min<int64_t>(c + i, n - 1)];
+        x[i] = v_rows.row(im.r0 + (e >> 4));
+        y[i] = t_rows.row(w0 + w + (e & 15));
+      }
+      float v[4];
+      _mm_storeu_ps(v, dot4(x, y, d));
+      for (int64_t i = 0; i < std::min<int64_t>(4, n - c); ++i) {
+        const int32_t e = cand[c + i];
+        const int64_t l = w + (e & 15);
+        if (v[i] > q[l]) {
+          q[l] = v[i];
+          win[l] = e >> 4;
+        } else if (v[i] == q[l]) {
           win[l] = max_pool::kTied;
         }
       }

@@ -142,7 +142,8 @@ def test_wide_dynamic_range_within_tokens(monkeypatch, direction):
 
 @pytest.mark.parametrize("direction", ["t2i", "i2t"])
 def test_screened_forward_is_deterministic_at_any_thread_count(monkeypatch, direction):
-    # Many tiles (groups of ~400 tokens): the probe tiles and the rest run on several threads.
+    # Many tiles (caption groups of ~384 words): the probe tiles and the rest run on several
+    # threads.
     images, texts, il, tl = _inputs(5, 40, 300, 49, 32, 96)
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
     threads = torch.get_num_threads()
@@ -190,6 +191,24 @@ def test_data_that_defeats_screening_runs_the_float32_kernel(monkeypatch):
     tl = torch.randint(8, 33, (200,), generator=g)
     plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
     assert torch.equal(plain, screened)
+
+
+def test_tiles_that_fall_back_among_screened_ones(monkeypatch):
+    """The last 9 of 297 images are near-tied: no probe tile holds them (image groups of 400 or
+    1,600 tokens alike), so the call keeps screening and only their tiles run the float32
+    kernel, bit-identical to it; the other images' scores come from the screened path."""
+    g = torch.Generator().manual_seed(12)
+    images = torch.nn.functional.normalize(torch.randn(297, 49, 96, generator=g), dim=-1)
+    base = torch.nn.functional.normalize(torch.randn(9, 1, 96, generator=g), dim=-1)
+    images[288:] = torch.nn.functional.normalize(
+        base + 1e-4 * torch.randn(9, 49, 96, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(20, 16, 96, generator=g), dim=-1)
+    il = torch.full((297,), 49)
+    tl = torch.randint(8, 17, (20,), generator=g)
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
+    _assert_same_scores(plain, screened)
+    assert torch.equal(screened[288:], plain[288:])
+    assert not torch.equal(screened[:288], plain[:288])
 
 
 @pytest.mark.parametrize("direction,reduce", [("t2i", "mean"), ("i2t", "sum")])
