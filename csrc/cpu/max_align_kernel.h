@@ -85,7 +85,7 @@ constexpr int64_t kTileRows = 400, kTileCols = 384;
 constexpr int64_t kBackwardRows = 400, kBackwardCols = 384;
 // Screened tiles without AMX hold more images: their words' float32 rows, which the
 // candidates' dot products read, come from memory once for every 32 images of 49 tokens rather
-// than every 8 (W1 with AVX-512 VNNI: 1,600 rows ran 1.13x faster than 400, 3,200 1.10x).
+// than every 8 (W1 with AVX-512 VNNI: 1,600 rows took 0.87 of 400's time, 3,200 0.90).
 // Their int8 GEMM runs kScreenGroup images at a time, so their similarities take little room.
 constexpr int64_t kScreenTileRows = 1600, kScreenGroup = 4;
 // Bytes of gradient partials (all chunks together) per backward step
