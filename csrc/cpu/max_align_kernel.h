@@ -614,15 +614,6 @@ bool screened_tile(const Problem& p, const Plan& plan, const Tile& t, max_screen
 
 #endif
 
-// Writes the tile's scores (and winners) with the float32 kernel; returns whether one of its
-// winners is kTied.
-bool float_tile(const Problem& p, const Plan& plan, const Tile& t, float* c, float* q,
-                float* acc, const WinnersOut& win, float* out) {
-  ensure_packed(plan, t);
-  similarities(plan, t, p.d, c);
-  return pool_tile(p, plan, t, c, q, acc, win, out);
-}
-
 // The forward's per-thread float32 buffers and winners' scratch.
 struct FloatScratch {
   std::unique_ptr<float[]> c, q, acc;
@@ -635,8 +626,12 @@ struct FloatScratch {
         word(at.t2i ? plan.max_cols : 0),
         row(word.size()),
         win{at, word.data(), row.data()} {}
+  // Writes tile t's scores (and winners) with the float32 kernel; returns whether one of its
+  // winners is kTied.
   bool tile(const Problem& p, const Plan& plan, const Tile& t, float* out) {
-    return float_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out);
+    ensure_packed(plan, t);
+    similarities(plan, t, p.d, c.get());
+    return pool_tile(p, plan, t, c.get(), q.get(), acc.get(), win, out);
   }
 };
 
