@@ -60,6 +60,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <vector>
@@ -531,8 +532,12 @@ int64_t screen_tile_rows(const Problem& p) { return p.amx ? kTileRows : kScreenT
 // Per-thread buffers of a screened pass over tiles (and its AMX configuration).
 max_screen::Scratch screen_scratch(const Problem& p, const Plan& plan) {
   max_screen::Scratch s;
-  const int64_t rows = p.amx ? plan.max_rows + max_amx::kBlock
-                             : std::min(plan.max_rows, kScreenGroup * p.m_max) + max_gemm::kMR;
+  // Without AMX, s.c holds a group's rows widened to whole row blocks at both ends
+  // (for_screened_groups): at most 2 (kMR - 1) rows more than the group, and never more than
+  // the tile.
+  const int64_t rows =
+      p.amx ? plan.max_rows + max_amx::kBlock
+            : std::min(plan.max_rows, kScreenGroup * p.m_max + 2 * max_gemm::kMR);
   s.c.resize(rows * screen_ldc(p, plan.max_cols));
   s.win.resize(plan.max_cols);
   s.thr.resize(plan.max_cols);
@@ -564,6 +569,8 @@ bool for_screened_groups(const Problem& p, const Plan& plan, const Tile& t,
     if (!p.amx) {
       const int64_t lo = (plan.v.off[i0] - t.r0) / kMR * kMR;
       const int64_t hi = std::min(t.rows, (plan.v.off[i0 + n] - t.r0 + kMR - 1) / kMR * kMR);
+      // s.c holds them (screen_scratch's size: a hard stop, not a silent overflow).
+      if ((hi - lo) * ldc > static_cast<int64_t>(s.c.size())) std::abort();
       // The group's rows start in a block the previous group computed (done >= lo).
       std::memmove(s.c.data(), s.c.data() + (lo - base) * ldc, (done - lo) * ldc * sizeof(int32_t));
       base = lo;

@@ -211,6 +211,22 @@ def test_tiles_that_fall_back_among_screened_ones(monkeypatch):
     assert not torch.equal(screened[:288], plain[:288])
 
 
+def test_groups_that_straddle_row_blocks(monkeypatch):
+    """Images of 10, 10, 10, 5 tokens, then 10, 10, 10, 8, ...: the second group of four
+    starts 11 rows past a 12-row block and ends 1 row into one, so its int8 GEMM covers 22
+    rows more than the group (the most it can), and its similarities must still fit."""
+    g = torch.Generator().manual_seed(13)
+    images = torch.nn.functional.normalize(torch.randn(16, 10, 128, generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(torch.randn(30, 12, 128, generator=g), dim=-1)
+    il = torch.tensor([10, 10, 10, 5, 10, 10, 10, 8] * 2)
+    tl = torch.randint(1, 13, (30,), generator=g)
+    for x, lengths in ((images, il), (texts, tl)):
+        for b, k in enumerate(lengths.tolist()):
+            x[b, k:] = float("nan")
+    plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
+    _assert_same_scores(plain, screened)
+
+
 @pytest.mark.parametrize("direction,reduce", [("t2i", "mean"), ("i2t", "sum")])
 def test_against_float64_reference_with_gradients(monkeypatch, direction, reduce):
     monkeypatch.setenv("HATKERNELS_CPU_SCREEN", "1")
