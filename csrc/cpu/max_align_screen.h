@@ -184,6 +184,20 @@ inline __m128 dot4(const float* const* x, const float* const* y, int64_t d) {
               _mm512_add_ps(acc[4], acc[5]), _mm512_add_ps(acc[6], acc[7]));
 }
 
+// Float32 dot products of n pairs of rows, four at a time (dot4): pair(i, x, y) names pair
+// i's rows, and out(i, value) takes the results in order of i.
+template <class Pair, class Out>
+inline void dots(int64_t n, int64_t d, Pair pair, Out out) {
+  for (int64_t c = 0; c < n; c += 4) {
+    const float* x[4];
+    const float* y[4];
+    for (int64_t i = 0; i < 4; ++i) pair(std::min(c + i, n - 1), x[i], y[i]);
+    float v[4];
+    _mm_storeu_ps(v, dot4(x, y, d));
+    for (int64_t i = 0; i < std::min<int64_t>(4, n - c); ++i) out(c + i, v[i]);
+  }
+}
+
 // Per-thread buffers of a screened tile.
 struct Scratch {
   std::vector<int32_t> c;      // int32 similarities [rows, cols]
@@ -289,25 +303,21 @@ inline void bound_image(const Image& im, int64_t cols, int64_t w0, const Codes& 
 // Pass 1 of screening for n images of a tile (ims) against its words: every word's first row
 // with the largest D in each image (first: [n, cols]) and that row's float32 dot product with
 // the word (best: [n, cols]); top is scratch (cols int32). The dot products run word by word
-// across the images, four at a time (dot4).
+// across the images (dots).
 inline void best_rows(const Image* ims, int64_t n, int64_t cols, int64_t w0,
                       const max_gemm::Rows& v_rows, const max_gemm::Rows& t_rows, int32_t* top,
                       int32_t* first, float* best) {
   const int64_t d = v_rows.d;
   for (int64_t k = 0; k < n; ++k) largest_d(ims[k], cols, top, first + k * cols);
   for (int64_t w = 0; w < cols; ++w) {
-    const float* y = t_rows.row(w0 + w);
-    const float* ys[4] = {y, y, y, y};
-    for (int64_t k = 0; k < n; k += 4) {
-      const float* x[4];
-      for (int64_t i = 0; i < 4; ++i) {
-        const int64_t j = std::min(k + i, n - 1);
-        x[i] = v_rows.row(ims[j].r0 + first[j * cols + w]);
-      }
-      float v[4];
-      _mm_storeu_ps(v, dot4(x, ys, d));
-      for (int64_t i = 0; i < std::min<int64_t>(4, n - k); ++i) best[(k + i) * cols + w] = v[i];
-    }
+    const float* word = t_rows.row(w0 + w);
+    dots(
+        n, d,
+        [&](int64_t k, const float*& x, const float*& y) {
+          x = v_rows.row(ims[k].r0 + first[k * cols + w]);
+          y = word;
+        },
+        [&](int64_t k, float v) { best[k * cols + w] = v; });
   }
 }
 
@@ -366,27 +376,21 @@ inline int64_t screen_image(const Image& im, int64_t cols, int64_t w0, const Cod
       n += __builtin_popcount(hits);
     }
     extra += n;
-    for (int64_t c = 0; c < n; c += 4) {
-      const float* x[4];
-      const float* y[4];
-      for (int i = 0; i < 4; ++i) {
-        const int32_t e = cand[std::min<int64_t>(c + i, n - 1)];
-        x[i] = v_rows.row(im.r0 + (e >> 4));
-        y[i] = t_rows.row(w0 + w + (e & 15));
-      }
-      float v[4];
-      _mm_storeu_ps(v, dot4(x, y, d));
-      for (int64_t i = 0; i < std::min<int64_t>(4, n - c); ++i) {
-        const int32_t e = cand[c + i];
-        const int64_t l = w + (e & 15);
-        if (v[i] > q[l]) {
-          q[l] = v[i];
-          win[l] = e >> 4;
-        } else if (v[i] == q[l]) {
-          win[l] = max_pool::kTied;
-        }
-      }
-    }
+    dots(
+        n, d,
+        [&](int64_t c, const float*& x, const float*& y) {
+          x = v_rows.row(im.r0 + (cand[c] >> 4));
+          y = t_rows.row(w0 + w + (cand[c] & 15));
+        },
+        [&](int64_t c, float v) {
+          const int64_t l = w + (cand[c] & 15);
+          if (v > q[l]) {
+            q[l] = v;
+            win[l] = cand[c] >> 4;
+          } else if (v == q[l]) {
+            win[l] = max_pool::kTied;
+          }
+        });
   }
   return extra;
 }
