@@ -721,6 +721,32 @@ void forward(const Problem& p, bool transposed, float* out, int32_t* winners) {
 }
 
 #if HATK_CPU_AVX512
+// Writes image i's score bounds against the tile's captions from lo and hi, the bounds of its
+// words' maxima (see bounds below).
+void write_t2i_bounds(const Problem& p, const Plan& plan, const Tile& t, int64_t i,
+                      const double* lo, const double* hi, double* lower, double* upper) {
+  const double u = std::ldexp(1.0, -24);
+  for (int64_t j = t.j0; j < t.j1; ++j) {
+    const int64_t n = p.text_lengths[j], w0 = plan.t.off[j] - t.w0;
+    double a = 0, b = 0, mag = 0;
+    for (int64_t w = w0; w < w0 + n; ++w) {
+      a += lo[w];
+      b += hi[w];
+      mag += std::max(std::fabs(lo[w]), std::fabs(hi[w]));
+    }
+    const double gamma = n * u / (1 - n * u);
+    const double sum_margin = (gamma * mag + 1e-30) * (1 + 1e-12) + 1e-12 * mag;
+    a -= sum_margin;
+    b += sum_margin;
+    if (p.mean) {
+      a = a / n - (std::fabs(a) / n) * 2 * u;
+      b = b / n + (std::fabs(b) / n) * 2 * u;
+    }
+    lower[i * plan.si + j * plan.sj] = a;
+    upper[i * plan.si + j * plan.sj] = b;
+  }
+}
+
 // Bounds of the t2i scores [bi, bt] (at i * si + j * sj) that any float32 kernel computes for
 // these inputs, from the int8 similarities alone (max_screen::bound_image per image and word).
 // A caption's float32 score is a float32 sum of its words' maxima (error at most
@@ -730,7 +756,6 @@ void bounds(const Problem& p, bool transposed, double* lower, double* upper) {
   const Plan plan = make_plan(p, screen_tile_rows(p), kTileCols, transposed, Pack::kNone, true);
   const int64_t n_ig = static_cast<int64_t>(plan.ig.size()) - 1;
   const int64_t n_cg = static_cast<int64_t>(plan.cg.size()) - 1;
-  const double u = std::ldexp(1.0, -24);
 #pragma omp parallel
   {
     max_screen::Scratch s = screen_scratch(p, plan);
@@ -744,25 +769,7 @@ void bounds(const Problem& p, bool transposed, double* lower, double* upper) {
           const int64_t i = i0 + g;
           max_screen::bound_image(ims[g], t.cols, t.w0, plan.qv, plan.qt, s.thr.data(),
                                   s.first.data(), lo.data(), hi.data());
-          for (int64_t j = t.j0; j < t.j1; ++j) {
-            const int64_t n = p.text_lengths[j], w0 = plan.t.off[j] - t.w0;
-            double a = 0, b = 0, mag = 0;
-            for (int64_t w = w0; w < w0 + n; ++w) {
-              a += lo[w];
-              b += hi[w];
-              mag += std::max(std::fabs(lo[w]), std::fabs(hi[w]));
-            }
-            const double gamma = n * u / (1 - n * u);
-            const double sum_margin = (gamma * mag + 1e-30) * (1 + 1e-12) + 1e-12 * mag;
-            a -= sum_margin;
-            b += sum_margin;
-            if (p.mean) {
-              a = a / n - (std::fabs(a) / n) * 2 * u;
-              b = b / n + (std::fabs(b) / n) * 2 * u;
-            }
-            lower[i * plan.si + j * plan.sj] = a;
-            upper[i * plan.si + j * plan.sj] = b;
-          }
+          write_t2i_bounds(p, plan, t, i, lo.data(), hi.data(), lower, upper);
         }
         return true;
       });
