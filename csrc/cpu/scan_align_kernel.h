@@ -7,13 +7,17 @@
 // OpenMP splits the output into tiles of whole images x whole captions; per tile one
 // GEMM writes the similarity block of the tile's packed tokens into a reused per-thread
 // buffer: at the AVX-512 level the max kernel's register-blocked 12 x 32 micro-kernel on
-// operands packed once per call (max_align_gemm.h: image tokens in 12-row blocks, each
-// caption block's words in 32-word strips), elsewhere MKL (single-threaded inside the
-// region). Every (image, caption) pair is then pooled while the block is hot, from an
-// L1-sized copy of its block (transposed for t2i, 16 x 16 at a time; scan_align_pair.h):
-// LeakyReLU, the normalisation across the other side, softmax, and the cosine q via the Gram
-// identity <x_r, c_r> = sum alpha S, |c_r|^2 = alpha_r^T G alpha_r, so the attended context c
-// is formed only where D is the smaller side. Tiles hold whole items, so there is no merge.
+// operands packed once per call (max_align_gemm.h: one side's tokens in 12-row blocks, each
+// block of the other side in 32-token strips), elsewhere MKL (single-threaded inside the
+// region). The forward's tiles hold S^T [words, image tokens]. Every (image, caption) pair is
+// then pooled while the block is hot, from an L1-sized copy of its [n, m] block, as it is or
+// transposed 16 x 16 at a time (scan_align_pair.h): LeakyReLU, the normalisation across the
+// other side, softmax, and the cosine q via the Gram identity <x_r, c_r> = sum alpha S,
+// |c_r|^2 = alpha_r^T G alpha_r, so the attended context c is formed only where D is the
+// smaller side. Each direction takes the layout that prefer_cols estimates cheaper: the
+// attending tokens as rows (pair_forward) or as vector lanes (pair_forward_cols); on W1 that
+// is lanes for i2t and, for t2i, rows except for long captions, so that one copy as it is
+// serves both directions. Tiles hold whole items, so there is no merge.
 //
 // The backward recomputes a tile's similarities and attention (as FlashAttention does),
 // forms dS pair by pair analytically (through q, the Gram term, softmax, the normalisation
@@ -212,14 +216,17 @@ struct Plan {
   std::vector<int64_t> img_blocks, txt_blocks;
   int64_t rows_max = 0, words_max = 0, n_img_blocks = 0, n_tiles = 0;
   bool t2i, i2t;
+  // The forward's tiles hold S^T [words, image tokens], the backward's S [image tokens, words].
+  bool transposed;
 #if HATK_CPU_AVX512
-  // The similarity GEMM's operands (max_align_gemm.h): the image tokens in 12-row blocks,
-  // each caption block's words in 32-word strips (caption block b's at strip_start[b]).
-  Buffer img_panel, txt_strips;
+  // The similarity GEMM's operands (max_align_gemm.h): the rows' side (captions when
+  // transposed, else images) in 12-row blocks, each block of the other side in 32-token
+  // strips (block b's at strip_start[b]).
+  Buffer row_panel, col_strips;
   std::vector<int64_t> strip_start;
 #endif
 
-  // backward: full Gram matrices (the forward's are halved: scan::Attended) and the
+  // backward: full Gram matrices (the forward's are halved: scan::Attended), S tiles and the
   // workspaces' gradient buffers.
   Plan(const Problem& p, bool backward)
       : prob(p),
@@ -227,7 +234,8 @@ struct Plan {
         img(pack_side(p.images, p.image_lengths, p.bi, p.m_max, p.d, "image_lengths")),
         txt(pack_side(p.texts, p.text_lengths, p.bt, p.n_max, p.d, "text_lengths")),
         t2i(p.direction != kI2T),
-        i2t(p.direction != kT2I) {
+        i2t(p.direction != kT2I),
+        transposed(!backward) {
     if (p.direction < kT2I || p.direction > kBoth) {
       throw std::invalid_argument("scan_align: direction code must be 0, 1 or 2");
     }
@@ -248,25 +256,31 @@ struct Plan {
 
 #if HATK_CPU_AVX512
   void pack_panels() {
-    const int64_t d = prob.d, n_txt_blocks = n_tiles / n_img_blocks;
-    strip_start.assign(n_txt_blocks + 1, 0);
-    for (int64_t b = 0; b < n_txt_blocks; ++b) {
-      const int64_t words = txt.off[txt_blocks[b + 1]] - txt.off[txt_blocks[b]];
-      const int64_t strips = (words + max_gemm::kNR - 1) / max_gemm::kNR;
+    const int64_t d = prob.d;
+    const Side& rs = transposed ? txt : img;
+    const Side& cs = transposed ? img : txt;
+    const std::vector<int64_t>& rb = transposed ? txt_blocks : img_blocks;
+    const std::vector<int64_t>& cb = transposed ? img_blocks : txt_blocks;
+    const int64_t n_rb = static_cast<int64_t>(rb.size()) - 1;
+    const int64_t n_cb = static_cast<int64_t>(cb.size()) - 1;
+    strip_start.assign(n_cb + 1, 0);
+    for (int64_t b = 0; b < n_cb; ++b) {
+      const int64_t cols = cs.off[cb[b + 1]] - cs.off[cb[b]];
+      const int64_t strips = (cols + max_gemm::kNR - 1) / max_gemm::kNR;
       strip_start[b + 1] = strip_start[b] + strips * max_gemm::kNR * d;
     }
-    img_panel = Buffer(img.total * d);
-    txt_strips = Buffer(strip_start[n_txt_blocks]);
-    const PackedRows vi{img.tokens.get(), img.dp, d}, ti{txt.tokens.get(), txt.dp, d};
+    row_panel = Buffer(rs.total * d);
+    col_strips = Buffer(strip_start[n_cb]);
+    const PackedRows ri{rs.tokens.get(), rs.dp, d}, ci{cs.tokens.get(), cs.dp, d};
 #pragma omp parallel for schedule(dynamic, 1)
-    for (int64_t k = 0; k < n_img_blocks + n_txt_blocks; ++k) {
-      if (k < n_img_blocks) {
-        const int64_t r0 = img.off[img_blocks[k]];
-        max_gemm::pack_row_blocks(vi, r0, img.off[img_blocks[k + 1]] - r0, img_panel.get());
+    for (int64_t k = 0; k < n_rb + n_cb; ++k) {
+      if (k < n_rb) {
+        const int64_t r0 = rs.off[rb[k]];
+        max_gemm::pack_row_blocks(ri, r0, rs.off[rb[k + 1]] - r0, row_panel.get());
       } else {
-        const int64_t b = k - n_img_blocks, w0 = txt.off[txt_blocks[b]];
-        max_gemm::pack_col_strips(ti, w0, txt.off[txt_blocks[b + 1]] - w0,
-                                  txt_strips.get() + strip_start[b]);
+        const int64_t b = k - n_rb, w0 = cs.off[cb[b]];
+        max_gemm::pack_col_strips(ci, w0, cs.off[cb[b + 1]] - w0,
+                                  col_strips.get() + strip_start[b]);
       }
     }
   }
@@ -276,7 +290,7 @@ struct Plan {
 // Per-thread buffers: the tile's similarities, the pair scratch and (backward) gradients.
 struct Workspace {
   int64_t qp_max, width_max;
-  Buffer sim, local, alpha, y, work, col, row, lanes;
+  Buffer sim, local, local_t, alpha, y, work, col, row, lanes;
   Buffer dsim, dimg, dtxt, kimg, ktxt, dgram;
   Buffer blocks, strips_buf;  // the backward's packed operands (AVX-512: backward_gemms)
 
@@ -286,6 +300,7 @@ struct Workspace {
     width_max = std::max(qp_max, pl.img.dp);
     sim = Buffer(pl.rows_max * pl.words_max + kLanes);
     local = Buffer(p_max * qp_max);
+    if (!pl.backward) local_t = Buffer(p_max * qp_max);
     alpha = Buffer(pad_lanes(p_max) * qp_max);
     y = Buffer(p_max * width_max);
     work = Buffer(p_max * qp_max);
@@ -328,16 +343,29 @@ Tile tile_of(const Plan& pl, int64_t t) {
   return tile;
 }
 
-// The tile's similarities S[rows, words] = V_tile T_tile^T.
+// The tile's similarities S [rows, words] = V_tile T_tile^T, or S^T [words, rows] when the
+// plan is transposed.
 void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
+  const int64_t d = pl.prob.d;
 #if HATK_CPU_AVX512
-  max_gemm::panel_gemm(pl.img_panel.get() + tile.r0 * pl.prob.d, tile.rows,
-                       pl.txt_strips.get() + pl.strip_start[tile.jb], tile.words, pl.prob.d, sim,
-                       tile.words);
+  if (pl.transposed) {
+    max_gemm::panel_gemm(pl.row_panel.get() + tile.w0 * d, tile.words,
+                         pl.col_strips.get() + pl.strip_start[tile.ib], tile.rows, d, sim,
+                         tile.rows);
+  } else {
+    max_gemm::panel_gemm(pl.row_panel.get() + tile.r0 * d, tile.rows,
+                         pl.col_strips.get() + pl.strip_start[tile.jb], tile.words, d, sim,
+                         tile.words);
+  }
 #else
   const int64_t dp = pl.img.dp;
-  gemm_nt(tile.rows, tile.words, pl.prob.d, pl.img.tokens.get() + tile.r0 * dp, dp,
-          pl.txt.tokens.get() + tile.w0 * dp, dp, sim, tile.words);
+  const float* v = pl.img.tokens.get() + tile.r0 * dp;
+  const float* t = pl.txt.tokens.get() + tile.w0 * dp;
+  if (pl.transposed) {
+    gemm_nt(tile.words, tile.rows, d, t, dp, v, dp, sim, tile.rows);
+  } else {
+    gemm_nt(tile.rows, tile.words, d, v, dp, t, dp, sim, tile.words);
+  }
 #endif
 }
 
@@ -602,22 +630,41 @@ void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
       for (int64_t i = tile.i0; i < tile.i1; ++i) {
         const int64_t m = pl.img.len[i];
         const float* vnorm = pl.img.norms.get() + pl.img.off[i];
+        const Attended att_img = pl.img.attended(i);
         for (int64_t j = tile.j0; j < tile.j1; ++j) {
           const int64_t n = pl.txt.len[j];
-          const float* block = w.sim.get() + (pl.img.off[i] - tile.r0) * tile.words +
-                               (pl.txt.off[j] - tile.w0);
+          const float* tnorm = pl.txt.norms.get() + pl.txt.off[j];
+          // The pair's block of S^T, [n, m]: copied as it is ([n, pad(m)]: t2i's rows, i2t's
+          // columns) or transposed ([m, pad(n)]: i2t's rows, t2i's columns), each at most once.
+          const float* block = w.sim.get() + (pl.txt.off[j] - tile.w0) * tile.rows +
+                               (pl.img.off[i] - tile.r0);
+          bool have_nm = false, have_mn = false;
+          const auto nm = [&] {
+            if (!have_nm) load_block(block, tile.rows, n, m, false, w.local.get());
+            have_nm = true;
+            return w.local.get();
+          };
+          const auto mn = [&] {
+            if (!have_mn) load_block(block, tile.rows, n, m, true, w.local_t.get());
+            have_mn = true;
+            return w.local_t.get();
+          };
           float score = 0.f;
           if (pl.i2t) {
-            load_block(block, tile.words, m, n, false, w.local.get());
-            const float s = scan::pair_forward(w.local.get(), m, n, pad_lanes(n), vnorm,
-                                               pl.txt.attended(j), lambda_softmax, scratch);
+            const Attended att = pl.txt.attended(j);
+            const float s =
+                att.gram && scan::prefer_cols(m, n, att.half)
+                    ? scan::pair_forward_cols(nm(), m, n, vnorm, att, lambda_softmax, scratch)
+                    : scan::pair_forward(mn(), m, n, pad_lanes(n), vnorm, att, lambda_softmax,
+                                         scratch);
             score += p.mean ? s / static_cast<float>(m) : s;
           }
           if (pl.t2i) {
-            load_block(block, tile.words, m, n, true, w.local.get());
-            const float s = scan::pair_forward(w.local.get(), n, m, pad_lanes(m),
-                                               pl.txt.norms.get() + pl.txt.off[j],
-                                               pl.img.attended(i), lambda_softmax, scratch);
+            const float s =
+                att_img.gram && scan::prefer_cols(n, m, att_img.half)
+                    ? scan::pair_forward_cols(mn(), n, m, tnorm, att_img, lambda_softmax, scratch)
+                    : scan::pair_forward(nm(), n, m, pad_lanes(m), tnorm, att_img,
+                                         lambda_softmax, scratch);
             score += p.mean ? s / static_cast<float>(n) : s;
           }
           out[i * p.bt + j] = score;

@@ -10,7 +10,9 @@
 //   q_r = num_r / max(|x_r| sqrt(max(|c_r|^2, 0)), eps),  result = sum_r q_r
 //
 // Layout: P is [p, qp] row-major with qp = q rounded up to 16 and zeros in the padded
-// columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h).
+// columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h). The
+// forward also has a column layout (pair_forward_cols): P^T [q, pad(p)], the attending rows
+// in the vector lanes, where the softmax and the Gram form need no horizontal sums.
 //
 // Sweeps. The pair's work besides the similarity GEMM is a few sweeps over P: the column
 // sums of squares; per row, z and its exp in one sweep (shifted by |lambda|, which bounds
@@ -28,6 +30,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "cpu/scan_align_simd.h"
 
@@ -212,6 +215,153 @@ inline float pair_forward(const float* P, int64_t p, int64_t q, int64_t qp, cons
     total += load(nm) / (prod > kEps ? prod : splat(kEps));
   }
   return hsum(total);
+}
+
+// The same pair score from the transposed block Pt [q, pad_lanes(p)] (row c: column c of P,
+// lanes r, zeros past p), Gram mode only: the attending rows are the lanes, so the softmax
+// over c, num and |c_r|^2 run lane by lane, and only the column statistics need horizontal
+// sums. |c_r|^2 from G's lower triangle, two columns at a time over up to four lane vectors
+// (eight independent sums):
+//   alpha_r^T G alpha_r = 2 sum_c alpha[r, c] (G_cc alpha[r, c] / 2 + sum_{c' < c} G_cc' alpha[r, c'])
+// which is about half the FMAs of pair_forward's alpha G for short attended items, and none of
+// its per-row horizontal sums.
+template <int S>
+inline V16 cols_strip(const float* Pt, int64_t pp, int64_t q, int64_t v0, int64_t p,
+                      const float* xnorm, const Attended& att, const float* inv, float shift,
+                      bool fixed_shift, float* e) {
+  const float* pt = Pt + v0 * kLanes;
+  const auto x = [&](int64_t c, int k) { return load(pt + c * pp + k * kLanes); };
+  const auto alpha = [&](int64_t c, int k) { return load(e + (c * S + k) * kLanes); };
+  // -shift per lane vector: |lambda|, or the lanes' own maxima of z.
+  V16 neg_shift[S];
+  for (int k = 0; k < S; ++k) neg_shift[k] = splat(-shift);
+  if (!fixed_shift) {
+    V16 mx[S];
+    for (int k = 0; k < S; ++k) mx[k] = splat(-std::numeric_limits<float>::infinity());
+    for (int64_t c = 0; c < q; ++c)
+      for (int k = 0; k < S; ++k) mx[k] = vmax(mx[k], leaky(x(c, k)) * splat(inv[c]));
+    for (int k = 0; k < S; ++k) neg_shift[k] = -mx[k];
+  }
+  // e = exp(z - shift) into e [q, S vectors], its sums and num = sum_c e P; then alpha = e / sum.
+  V16 rs[S], nm[S];
+  for (int k = 0; k < S; ++k) rs[k] = nm[k] = V16{};
+  for (int64_t c = 0; c < q; ++c) {
+    const V16 ic = splat(inv[c]);
+    for (int k = 0; k < S; ++k) {
+      const V16 xv = x(c, k);
+      const V16 ex = exp16(fmadd(leaky(xv), ic, neg_shift[k]));
+      store(e + (c * S + k) * kLanes, ex);
+      rs[k] += ex;
+      nm[k] = fmadd(ex, xv, nm[k]);
+    }
+  }
+  V16 ir[S];
+  for (int k = 0; k < S; ++k) ir[k] = splat(1.f) / rs[k];
+  for (int64_t c = 0; c < q; ++c)
+    for (int k = 0; k < S; ++k) store(e + (c * S + k) * kLanes, alpha(c, k) * ir[k]);
+  // |c_r|^2 / 2 = sum_c alpha_c (h_cc alpha_c + sum_{b < c} G_cb alpha_b), h_cc = G_cc / 2 (H_cc
+  // when att.half), for columns c and c + 1 at once.
+  const auto diag = [&](int64_t c) {
+    const float g = att.z[c * att.ld + c];
+    return splat(att.half ? g : 0.5f * g);
+  };
+  V16 c2[S];
+  for (int k = 0; k < S; ++k) c2[k] = V16{};
+  int64_t c = 0;
+  for (; c + 2 <= q; c += 2) {
+    const float* g0 = att.z + c * att.ld;
+    const float* g1 = g0 + att.ld;
+    V16 t0[S], t1[S];
+    const V16 d0 = diag(c), d1 = diag(c + 1), o1 = splat(g1[c]);
+    for (int k = 0; k < S; ++k) {
+      t0[k] = d0 * alpha(c, k);
+      t1[k] = fmadd(d1, alpha(c + 1, k), o1 * alpha(c, k));
+    }
+    for (int64_t b = 0; b < c; ++b) {
+      const V16 h0 = splat(g0[b]), h1 = splat(g1[b]);
+      for (int k = 0; k < S; ++k) {
+        const V16 ab = alpha(b, k);
+        t0[k] = fmadd(h0, ab, t0[k]);
+        t1[k] = fmadd(h1, ab, t1[k]);
+      }
+    }
+    for (int k = 0; k < S; ++k)
+      c2[k] = fmadd(alpha(c + 1, k), t1[k], fmadd(alpha(c, k), t0[k], c2[k]));
+  }
+  if (c < q) {
+    const float* g0 = att.z + c * att.ld;
+    V16 t0[S];
+    const V16 d0 = diag(c);
+    for (int k = 0; k < S; ++k) t0[k] = d0 * alpha(c, k);
+    for (int64_t b = 0; b < c; ++b) {
+      const V16 h0 = splat(g0[b]);
+      for (int k = 0; k < S; ++k) t0[k] = fmadd(h0, alpha(b, k), t0[k]);
+    }
+    for (int k = 0; k < S; ++k) c2[k] = fmadd(alpha(c, k), t0[k], c2[k]);
+  }
+  // q_r = num_r / max(|x_r| |c_r|, eps) on the lanes r < p.
+  V16 total{};
+  for (int k = 0; k < S; ++k) {
+    const int64_t r0 = (v0 + k) * kLanes;
+    float xn[kLanes] = {};
+    std::memcpy(xn, xnorm + r0, static_cast<size_t>(std::min(kLanes, p - r0)) * 4);
+    const V16 cc = c2[k] + c2[k];
+    const V16 prod = load(xn) * vsqrt(cc > 0.f ? cc : splat(0.f));
+    const V16 qr = nm[k] * ir[k] / (prod > kEps ? prod : splat(kEps));
+    total += lanes_below(p - r0) ? qr : splat(0.f);
+  }
+  return total;
+}
+
+// The pair's unreduced score from Pt, in strips of up to four lane vectors (s.alpha holds
+// the strip's alpha [q, strip]; s.col the column statistics).
+inline float pair_forward_cols(const float* Pt, int64_t p, int64_t q, const float* xnorm,
+                               const Attended& att, float lam, const PairScratch& s) {
+  const int64_t pp = pad_lanes(p), nv = pp / kLanes;
+  float* sumsq = s.col;
+  float* inv = s.col + pad_lanes(q);
+  for (int64_t c = 0; c < q; ++c) {
+    V16 acc{};
+    for (int64_t v = 0; v < nv; ++v) {
+      const V16 a = leaky(load(Pt + c * pp + v * kLanes));
+      acc = fmadd(a, a, acc);
+    }
+    store(s.lanes + c * kLanes, acc);
+  }
+  row_sums(s.lanes, q, sumsq);  // sumsq past q: slack, never used
+  for (int64_t c = 0; c < q; c += kLanes)
+    store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
+  const float shift = std::fabs(lam);
+  const bool fixed = shift <= kFixedShift;
+  V16 total{};
+  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+    const int64_t strip = std::min<int64_t>(4, nv - v0);
+    const auto run = [&](auto width) {
+      total += cols_strip<decltype(width)::value>(Pt, pp, q, v0, p, xnorm, att, inv, shift,
+                                                  fixed, s.alpha);
+    };
+    if (strip == 4) run(std::integral_constant<int, 4>{});
+    else if (strip == 3) run(std::integral_constant<int, 3>{});
+    else if (strip == 2) run(std::integral_constant<int, 2>{});
+    else run(std::integral_constant<int, 1>{});
+  }
+  return hsum(total);
+}
+
+// Whether pair_forward_cols is estimated cheaper than pair_forward for p attending rows over q
+// columns (Gram mode): counted in vector operations, an exp as kExpOps of them, the Gram
+// products as FMAs (pair_forward: alpha G over whole vectors of columns, or alpha H).
+inline bool prefer_cols(int64_t p, int64_t q, bool half) {
+  constexpr int64_t kExpOps = 20;
+  const int64_t vq = pad_lanes(q) / kLanes, vp = pad_lanes(p) / kLanes;
+  int64_t gram_rows = p * q * vq;
+  if (half) {
+    gram_rows = 0;
+    for (int64_t v = 0; v < vq; ++v) gram_rows += p * (q - v * kLanes);
+  }
+  const int64_t rows = p * vq * kExpOps + gram_rows;
+  const int64_t cols = q * vp * kExpOps + q * (q + 1) / 2 * vp;
+  return cols < rows;
 }
 
 // Backward of gq * sum_r q_r. Writes dP [p, qp] (over P's buffer: P is read first), adds

@@ -45,6 +45,16 @@ def test_modes_gram_path(direction, reduce, lam):
     _check(make_case(1, 5, 7, [(9, 11, 13)]), direction, reduce, lam)
 
 
+@pytest.mark.parametrize("lam", [9.0, 60.0])
+@pytest.mark.parametrize("direction", ["i2t", "t2i", "both"])
+def test_rows_and_lanes_layouts(direction, lam):
+    """The forward pools a pair with its attending tokens as rows or as vector lanes,
+    whichever is estimated cheaper: these lengths take both layouts in each direction, with
+    one to five lane vectors and whole and halved Gram matrices."""
+    _check(make_case(21, 8, 10, [(80, 40, 64)]), direction, "mean", lam)
+    _check(make_case(22, 8, 10, [(40, 100, 48)]), direction, "sum", lam)
+
+
 @pytest.mark.parametrize("lam", [4.0, 9.0, 60.0])
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 @pytest.mark.parametrize("direction", sorted({d for d, _ in SETTINGS}))
