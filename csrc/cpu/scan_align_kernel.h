@@ -22,11 +22,12 @@
 // The backward recomputes a tile's similarities and attention (as FlashAttention does),
 // forms dS pair by pair analytically (through q, the Gram term, softmax, the normalisation
 // and the LeakyReLU) into a tile buffer and applies it with two GEMMs (dV = dS T,
-// dT = dS^T V; at the AVX-512 level on the forward's micro-kernel, elsewhere on MKL), plus
-// the norm terms (a scale of each token) and the Gram terms (2 dG X per attended item). So it
-// does three GEMMs of the forward's size where the forward does one. Deterministic: each
-// tile computes its gradient rows alone, and they are added to its image block's rows in
-// caption-block order and to its caption block's rows in image-block order (turn counters),
+// dT = dS^T V; at the AVX-512 level on the forward's micro-kernel with T and V packed once
+// per call, elsewhere on MKL). The norm terms (a scale of each token) and the Gram terms
+// (2 dG X per attended item) are summed over the tiles and applied once per item at the end.
+// So it does three GEMMs of the forward's size where the forward does one. Deterministic: each
+// tile computes its gradient rows and terms alone, and they are added to its image block's in
+// caption-block order and to its caption block's in image-block order (turn counters),
 // so the gradients are bit-identical from run to run and for any thread count. Gradients are
 // zero on padding.
 #include <omp.h>
@@ -87,6 +88,7 @@ struct Side {
   int64_t count = 0, total = 0, max_len = 0, d = 0, dp = 0;
   std::vector<int64_t> off, len;  // item k's tokens are rows [off[k], off[k] + len[k])
   std::vector<int64_t> gram_off;  // item k's Gram [len, pad(len)] at grams + gram_off[k], or -1
+  int64_t gram_size = 0;          // floats of all Gram matrices
   Buffer tokens, norms, grams;    // [total, dp], [total], the Gram matrices
   bool half_grams = false;        // the forward's: halved where scan::kHalfGramFrom says
 
@@ -154,6 +156,7 @@ void add_grams(Side& s, bool half) {
       size += s.len[k] * qp;
     }
   }
+  s.gram_size = size;
   if (size == 0) return;
   s.grams = Buffer(size);
   float* g = s.grams.get();
@@ -224,6 +227,11 @@ struct Plan {
   // strips (block b's at strip_start[b]).
   Buffer row_panel, col_strips;
   std::vector<int64_t> strip_start;
+  // The backward's dS products' right operands, packed once per call: each block's tokens
+  // K-major in strips of 32 of the D columns (max_gemm::pack_col_strips_kmajor), block b of a
+  // side at its first token * pad32(D).
+  Buffer img_kmajor, txt_kmajor;
+  int64_t d32 = 0;
 #endif
 
   // backward: full Gram matrices (the forward's are halved: scan::Attended), S tiles and the
@@ -251,6 +259,7 @@ struct Plan {
     n_tiles = n_img_blocks * (static_cast<int64_t>(txt_blocks.size()) - 1);
 #if HATK_CPU_AVX512
     pack_panels();
+    if (backward) pack_kmajor();
 #endif
   }
 
@@ -284,6 +293,23 @@ struct Plan {
       }
     }
   }
+
+  void pack_kmajor() {
+    d32 = (prob.d + max_gemm::kNR - 1) / max_gemm::kNR * max_gemm::kNR;
+    img_kmajor = Buffer(img.total * d32);
+    txt_kmajor = Buffer(txt.total * d32);
+    const int64_t n_txt_blocks = static_cast<int64_t>(txt_blocks.size()) - 1;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t k = 0; k < n_img_blocks + n_txt_blocks; ++k) {
+      const bool is_img = k < n_img_blocks;
+      const Side& side = is_img ? img : txt;
+      const std::vector<int64_t>& blocks = is_img ? img_blocks : txt_blocks;
+      const int64_t b = is_img ? k : k - n_img_blocks, r0 = side.off[blocks[b]];
+      max_gemm::pack_col_strips_kmajor(side.tokens.get() + r0 * side.dp, side.dp,
+                                       side.off[blocks[b + 1]] - r0, prob.d,
+                                       (is_img ? img_kmajor : txt_kmajor).get() + r0 * d32);
+    }
+  }
 #endif
 };
 
@@ -292,7 +318,7 @@ struct Workspace {
   int64_t qp_max, width_max;
   Buffer sim, local, local_t, alpha, y, work, col, row, lanes;
   Buffer dsim, dimg, dtxt, kimg, ktxt, dgram;
-  Buffer blocks, strips_buf;  // the backward's packed operands (AVX-512: backward_gemms)
+  Buffer blocks;  // the backward's packed dS (AVX-512: backward_gemms)
 
   explicit Workspace(const Plan& pl) {
     const int64_t p_max = std::max(pl.img.max_len, pl.txt.max_len);
@@ -309,9 +335,7 @@ struct Workspace {
     lanes = Buffer(pad_lanes(p_max) * kLanes);
     if (pl.backward) {
 #if HATK_CPU_AVX512
-      const int64_t strips = (pl.prob.d + max_gemm::kNR - 1) / max_gemm::kNR * max_gemm::kNR;
       blocks = Buffer(pl.rows_max * pl.words_max);
-      strips_buf = Buffer(std::max(pl.rows_max, pl.words_max) * strips);
 #endif
       dsim = Buffer(pl.rows_max * pl.words_max + kLanes);
       dimg = Buffer(pl.rows_max * pl.img.dp);
@@ -459,25 +483,24 @@ void pack_dsim_blocks(const float* dsim, int64_t rows, int64_t words, float* dst
 #endif
 
 // dimg [rows, Dp] += dS T and dtxt [words, Dp] += dS^T V (the D columns) for a tile. At the
-// AVX-512 level on the forward's register-blocked micro-kernel, packing dS, dS^T, T and V
-// per tile (MKL's sgemm_ ran these products at about a third of the FMA peak on an AMD
-// EPYC); elsewhere on MKL.
+// AVX-512 level on the forward's register-blocked micro-kernel, packing dS and dS^T per tile
+// (T and V were packed once per call: Plan::pack_kmajor) (MKL's sgemm_ ran these products at
+// about a third of the FMA peak on an AMD EPYC); elsewhere on MKL.
 void backward_gemms(const Plan& pl, const Tile& tile, const Workspace& w) {
   const int64_t d = pl.prob.d, dp = pl.img.dp;
-  const float* vt = pl.img.tokens.get() + tile.r0 * dp;
-  const float* tt = pl.txt.tokens.get() + tile.w0 * dp;
 #if HATK_CPU_AVX512
   float* blocks = w.blocks.get();
-  float* strips = w.strips_buf.get();
   pack_dsim_blocks(w.dsim.get(), tile.rows, tile.words, blocks);
-  max_gemm::pack_col_strips_kmajor(tt, dp, tile.words, d, strips);
-  max_gemm::panel_gemm<max_gemm::F32, true>(blocks, tile.rows, strips, d, tile.words,
-                                            w.dimg.get(), dp);
+  max_gemm::panel_gemm<max_gemm::F32, true>(blocks, tile.rows,
+                                            pl.txt_kmajor.get() + tile.w0 * pl.d32, d,
+                                            tile.words, w.dimg.get(), dp);
   max_gemm::pack_row_blocks_kmajor(w.dsim.get(), tile.words, tile.rows, tile.words, blocks);
-  max_gemm::pack_col_strips_kmajor(vt, dp, tile.rows, d, strips);
-  max_gemm::panel_gemm<max_gemm::F32, true>(blocks, tile.words, strips, d, tile.rows,
-                                            w.dtxt.get(), dp);
+  max_gemm::panel_gemm<max_gemm::F32, true>(blocks, tile.words,
+                                            pl.img_kmajor.get() + tile.r0 * pl.d32, d,
+                                            tile.rows, w.dtxt.get(), dp);
 #else
+  const float* vt = pl.img.tokens.get() + tile.r0 * dp;
+  const float* tt = pl.txt.tokens.get() + tile.w0 * dp;
   gemm_nn(tile.rows, d, tile.words, w.dsim.get(), tile.words, tt, dp, w.dimg.get(), dp, 1.f,
           1.f);
   gemm_tn(tile.words, d, tile.rows, w.dsim.get(), tile.words, vt, dp, w.dtxt.get(), dp, 1.f,
@@ -534,33 +557,9 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
       }
     }
   }
-  // dV += dS T, dT += dS^T V (onto the context mode's terms), then the Gram and norm terms.
+  // dV += dS T, dT += dS^T V (onto the context mode's terms); the Gram and norm terms are
+  // summed over the tiles and applied once (ItemTerms).
   backward_gemms(pl, tile, w);
-  const float* vt = pl.img.tokens.get() + tile.r0 * dp;
-  const float* tt = pl.txt.tokens.get() + tile.w0 * dp;
-  // Gram terms: d|c|^2 reaches the attended tokens X as 2 dG X.
-  for (int64_t j = tile.j0; pl.i2t && j < tile.j1; ++j) {
-    const int64_t n = pl.txt.len[j], wj = pl.txt.off[j] - tile.w0;
-    if (pl.txt.gram_off[j] < 0) continue;
-    gemm_nn(n, p.d, n, dgram_txt + wj * qpm, pad_lanes(n), tt + wj * dp, dp, dtxt + wj * dp, dp,
-            2.f, 1.f);
-  }
-  for (int64_t i = tile.i0; pl.t2i && i < tile.i1; ++i) {
-    const int64_t m = pl.img.len[i], ri = pl.img.off[i] - tile.r0;
-    if (pl.img.gram_off[i] < 0) continue;
-    gemm_nn(m, p.d, m, dgram_img + ri * qpm, pad_lanes(m), vt + ri * dp, dp, dimg + ri * dp, dp,
-            2.f, 1.f);
-  }
-  for (int64_t r = 0; r < tile.rows; ++r) {
-    const float k = kimg[r];
-#pragma omp simd
-    for (int64_t c = 0; c < dp; ++c) dimg[r * dp + c] += k * vt[r * dp + c];
-  }
-  for (int64_t r = 0; r < tile.words; ++r) {
-    const float k = ktxt[r];
-#pragma omp simd
-    for (int64_t c = 0; c < dp; ++c) dtxt[r * dp + c] += k * tt[r * dp + c];
-  }
 }
 
 // Add the packed gradient rows of items [k0, k1) (starting at item k0's first token) into
@@ -577,6 +576,56 @@ void add_rows(const Side& s, int64_t k0, int64_t k1, const float* rows, int64_t 
     }
   }
 }
+
+// What the tiles give each token and attended item besides their gradient rows, summed over
+// the tiles in their turn order and applied once, after the last tile (so that they cost one
+// pass per item, not one per tile): the norm terms k_r x_r, and the Gram terms 2 dG X of the
+// items attended through their Gram matrices.
+struct ItemTerms {
+  std::vector<float> k;  // [total], or empty when the side attends in no direction
+  Buffer dgram;          // the side's Gram layout (Side::gram_off)
+
+  ItemTerms(const Side& s, bool attends) : k(attends ? s.total : 0, 0.f), dgram(s.gram_size) {}
+
+  // Add a tile's terms for items [k0, k1): per token, then each Gram item's dG [len, pad(len)]
+  // at tile_dgram + (its first token - the block's) * ld (dgram: nullptr when not attended).
+  void add(const Side& s, int64_t k0, int64_t k1, const float* tile_k, const float* tile_dgram,
+           int64_t ld) {
+    const int64_t r0 = s.off[k0];
+    for (int64_t r = r0; r < s.off[k1] && !k.empty(); ++r) k[r] += tile_k[r - r0];
+    if (!tile_dgram) return;
+    for (int64_t item = k0; item < k1; ++item) {
+      if (s.gram_off[item] < 0) continue;
+      const float* src = tile_dgram + (s.off[item] - r0) * ld;
+      float* dst = dgram.get() + s.gram_off[item];
+      const int64_t n = s.len[item] * pad_lanes(s.len[item]);
+#pragma omp simd
+      for (int64_t e = 0; e < n; ++e) dst[e] += src[e];
+    }
+  }
+
+  // grad [count, max_len, d] += k_r x_r and 2 dG X, item by item.
+  void apply(const Side& s, int64_t max_len, float* grad) const {
+    const int64_t d = s.d, dp = s.dp;
+#pragma omp parallel
+    {
+      const SingleThreadedBlas one_blas_thread;
+#pragma omp for schedule(dynamic, 16)
+      for (int64_t item = 0; item < s.count; ++item) {
+        float* rows = grad + item * max_len * d;
+        const float* x = s.tokens.get() + s.off[item] * dp;
+        for (int64_t t = 0; t < s.len[item] && !k.empty(); ++t) {
+          const float kt = k[s.off[item] + t];
+#pragma omp simd
+          for (int64_t c = 0; c < d; ++c) rows[t * d + c] += kt * x[t * dp + c];
+        }
+        if (s.gram_off[item] < 0 || s.gram_size == 0) continue;
+        const int64_t n = s.len[item];
+        gemm_nn(n, d, n, dgram.get() + s.gram_off[item], pad_lanes(n), x, dp, rows, d, 2.f, 1.f);
+      }
+    }
+  }
+};
 
 // A block's turn counter: contributions to one block's gradient rows are added in a fixed
 // order (turn 0, 1, ...), each after the previous one, whatever thread computed it.
@@ -688,6 +737,7 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
   const std::vector<int64_t> order = diagonal_order(pl);
   std::atomic<int64_t> next_tile{0};
   Turns img_turns(pl.n_img_blocks), txt_turns(pl.n_tiles / pl.n_img_blocks);
+  ItemTerms img_terms(pl.img, pl.i2t), txt_terms(pl.txt, pl.t2i);
 #pragma omp parallel num_threads(threads)
   {
     const SingleThreadedBlas one_blas_thread;
@@ -696,14 +746,22 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
     for (int64_t k = next_tile++; k < pl.n_tiles; k = next_tile++) {
       const Tile tile = tile_of(pl, order[k]);
       tile_gradients(pl, tile, lambda_softmax, grad_out, w, scratch);
+      const float* dgram_txt = w.dgram.get();
+      const float* dgram_img = dgram_txt + (pl.i2t ? tile.words * w.qp_max : 0);
       img_turns.wait(tile.ib, static_cast<int>(tile.jb));
       add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images);
+      img_terms.add(pl.img, tile.i0, tile.i1, w.kimg.get(), pl.t2i ? dgram_img : nullptr,
+                    w.qp_max);
       img_turns.pass(tile.ib);
       txt_turns.wait(tile.jb, static_cast<int>(tile.ib));
       add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts);
+      txt_terms.add(pl.txt, tile.j0, tile.j1, w.ktxt.get(), pl.i2t ? dgram_txt : nullptr,
+                    w.qp_max);
       txt_turns.pass(tile.jb);
     }
   }
+  img_terms.apply(pl.img, p.m_max, grad_images);
+  txt_terms.apply(pl.txt, p.n_max, grad_texts);
 }
 
 }  // namespace hatkernels::cpu::HATK_CPU_LEVEL::scan_kernel
