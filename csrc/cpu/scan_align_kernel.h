@@ -14,8 +14,8 @@
 // transposed 16 x 16 at a time (scan_align_pair.h): LeakyReLU, the normalisation across the
 // other side, softmax, and the cosine q via the Gram identity <x_r, c_r> = sum alpha S,
 // |c_r|^2 = alpha_r^T G alpha_r, so the attended context c is formed only where D is the
-// smaller side. Each direction takes the layout that prefer_cols estimates cheaper: the
-// attending tokens as rows (pair_forward) or as vector lanes (pair_forward_cols); on W1 that
+// smaller side. Each direction takes the layout that prefer_lanes estimates cheaper: the
+// attending tokens as rows (pair_forward) or as vector lanes (pair_forward_lanes); on W1 that
 // is lanes for i2t and, for t2i, rows except for long captions, so that one copy as it is
 // serves both directions. Tiles hold whole items, so there is no merge.
 //
@@ -684,7 +684,7 @@ void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
           const int64_t n = pl.txt.len[j];
           const float* tnorm = pl.txt.norms.get() + pl.txt.off[j];
           // The pair's block of S^T, [n, m]: copied as it is ([n, pad(m)]: t2i's rows, i2t's
-          // columns) or transposed ([m, pad(n)]: i2t's rows, t2i's columns), each at most once.
+          // lanes) or transposed ([m, pad(n)]: i2t's rows, t2i's lanes), each at most once.
           const float* block = w.sim.get() + (pl.txt.off[j] - tile.w0) * tile.rows +
                                (pl.img.off[i] - tile.r0);
           bool have_nm = false, have_mn = false;
@@ -702,16 +702,17 @@ void scan_align_forward(const Problem& p, float lambda_softmax, float* out) {
           if (pl.i2t) {
             const Attended att = pl.txt.attended(j);
             const float s =
-                att.gram && scan::prefer_cols(m, n, att.half)
-                    ? scan::pair_forward_cols(nm(), m, n, vnorm, att, lambda_softmax, scratch)
+                att.gram && scan::prefer_lanes(m, n, att.half)
+                    ? scan::pair_forward_lanes(nm(), m, n, vnorm, att, lambda_softmax, scratch)
                     : scan::pair_forward(mn(), m, n, pad_lanes(n), vnorm, att, lambda_softmax,
                                          scratch);
             score += p.mean ? s / static_cast<float>(m) : s;
           }
           if (pl.t2i) {
             const float s =
-                att_img.gram && scan::prefer_cols(n, m, att_img.half)
-                    ? scan::pair_forward_cols(mn(), n, m, tnorm, att_img, lambda_softmax, scratch)
+                att_img.gram && scan::prefer_lanes(n, m, att_img.half)
+                    ? scan::pair_forward_lanes(mn(), n, m, tnorm, att_img, lambda_softmax,
+                                               scratch)
                     : scan::pair_forward(nm(), n, m, pad_lanes(m), tnorm, att_img,
                                          lambda_softmax, scratch);
             score += p.mean ? s / static_cast<float>(n) : s;

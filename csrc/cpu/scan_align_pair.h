@@ -11,8 +11,8 @@
 //
 // Layout: P is [p, qp] row-major with qp = q rounded up to 16 and zeros in the padded
 // columns; every vector loop runs over whole 16-float vectors (scan_align_simd.h). The
-// forward also has a column layout (pair_forward_cols): P^T [q, pad(p)], the attending rows
-// in the vector lanes, where the softmax and the Gram form need no horizontal sums.
+// forward also has a lanes layout (pair_forward_lanes): P^T [q, pad(p)], the attending
+// tokens in the vector lanes, where the softmax and the Gram form need no horizontal sums.
 //
 // Sweeps. The pair's work besides the similarity GEMM is a few sweeps over P: the column
 // sums of squares; per row, z and its exp in one sweep (shifted by |lambda|, which bounds
@@ -221,14 +221,14 @@ inline float pair_forward(const float* P, int64_t p, int64_t q, int64_t qp, cons
 // lanes r, zeros past p), Gram mode only: the attending rows are the lanes, so the softmax
 // over c, num and |c_r|^2 run lane by lane, and only the column statistics need horizontal
 // sums. |c_r|^2 from G's lower triangle, two columns at a time over up to four lane vectors
-// (eight independent sums):
-//   alpha_r^T G alpha_r = 2 sum_c alpha[r, c] (G_cc alpha[r, c] / 2 + sum_{c' < c} G_cc' alpha[r, c'])
+// (eight independent sums), with a_c = alpha[r, c]:
+//   alpha_r^T G alpha_r = 2 sum_c a_c (G_cc a_c / 2 + sum_{b < c} G_cb a_b)
 // which is about half the FMAs of pair_forward's alpha G for short attended items, and none of
 // its per-row horizontal sums.
 template <int S>
-inline V16 cols_strip(const float* Pt, int64_t pp, int64_t q, int64_t v0, int64_t p,
-                      const float* xnorm, const Attended& att, const float* inv, float shift,
-                      bool fixed_shift, float* e) {
+inline V16 lanes_strip(const float* Pt, int64_t pp, int64_t q, int64_t v0, int64_t p,
+                       const float* xnorm, const Attended& att, const float* inv, float shift,
+                       bool fixed_shift, float* e) {
   const float* pt = Pt + v0 * kLanes;
   const auto x = [&](int64_t c, int k) { return load(pt + c * pp + k * kLanes); };
   const auto alpha = [&](int64_t c, int k) { return load(e + (c * S + k) * kLanes); };
@@ -315,8 +315,8 @@ inline V16 cols_strip(const float* Pt, int64_t pp, int64_t q, int64_t v0, int64_
 
 // The pair's unreduced score from Pt, in strips of up to four lane vectors (s.alpha holds
 // the strip's alpha [q, strip]; s.col the column statistics).
-inline float pair_forward_cols(const float* Pt, int64_t p, int64_t q, const float* xnorm,
-                               const Attended& att, float lam, const PairScratch& s) {
+inline float pair_forward_lanes(const float* Pt, int64_t p, int64_t q, const float* xnorm,
+                                const Attended& att, float lam, const PairScratch& s) {
   const int64_t pp = pad_lanes(p), nv = pp / kLanes;
   float* sumsq = s.col;
   float* inv = s.col + pad_lanes(q);
@@ -337,8 +337,8 @@ inline float pair_forward_cols(const float* Pt, int64_t p, int64_t q, const floa
   for (int64_t v0 = 0; v0 < nv; v0 += 4) {
     const int64_t strip = std::min<int64_t>(4, nv - v0);
     const auto run = [&](auto width) {
-      total += cols_strip<decltype(width)::value>(Pt, pp, q, v0, p, xnorm, att, inv, shift,
-                                                  fixed, s.alpha);
+      total += lanes_strip<decltype(width)::value>(Pt, pp, q, v0, p, xnorm, att, inv, shift,
+                                                   fixed, s.alpha);
     };
     if (strip == 4) run(std::integral_constant<int, 4>{});
     else if (strip == 3) run(std::integral_constant<int, 3>{});
@@ -348,10 +348,10 @@ inline float pair_forward_cols(const float* Pt, int64_t p, int64_t q, const floa
   return hsum(total);
 }
 
-// Whether pair_forward_cols is estimated cheaper than pair_forward for p attending rows over q
+// Whether pair_forward_lanes is estimated cheaper than pair_forward for p attending rows over q
 // columns (Gram mode): counted in vector operations, an exp as kExpOps of them, the Gram
 // products as FMAs (pair_forward: alpha G over whole vectors of columns, or alpha H).
-inline bool prefer_cols(int64_t p, int64_t q, bool half) {
+inline bool prefer_lanes(int64_t p, int64_t q, bool half) {
   constexpr int64_t kExpOps = 20;
   const int64_t vq = pad_lanes(q) / kLanes, vp = pad_lanes(p) / kLanes;
   int64_t gram_rows = p * q * vq;
@@ -360,8 +360,8 @@ inline bool prefer_cols(int64_t p, int64_t q, bool half) {
     for (int64_t v = 0; v < vq; ++v) gram_rows += p * (q - v * kLanes);
   }
   const int64_t rows = p * vq * kExpOps + gram_rows;
-  const int64_t cols = q * vp * kExpOps + q * (q + 1) / 2 * vp;
-  return cols < rows;
+  const int64_t lanes = q * vp * kExpOps + q * (q + 1) / 2 * vp;
+  return lanes < rows;
 }
 
 // Backward of gq * sum_r q_r. Writes dP [p, qp] (over P's buffer: P is read first), adds
