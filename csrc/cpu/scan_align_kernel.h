@@ -219,8 +219,6 @@ struct Plan {
   std::vector<int64_t> img_blocks, txt_blocks;
   int64_t rows_max = 0, words_max = 0, n_img_blocks = 0, n_tiles = 0;
   bool t2i, i2t;
-  // The forward's tiles hold S^T [words, image tokens], the backward's S [image tokens, words].
-  bool transposed;
 #if HATK_CPU_AVX512
   // The similarity GEMM's operands (max_align_gemm.h): the rows' side (captions when
   // transposed, else images) in 12-row blocks, each block of the other side in 32-token
@@ -242,8 +240,7 @@ struct Plan {
         img(pack_side(p.images, p.image_lengths, p.bi, p.m_max, p.d, "image_lengths")),
         txt(pack_side(p.texts, p.text_lengths, p.bt, p.n_max, p.d, "text_lengths")),
         t2i(p.direction != kI2T),
-        i2t(p.direction != kT2I),
-        transposed(!backward) {
+        i2t(p.direction != kT2I) {
     if (p.direction < kT2I || p.direction > kBoth) {
       throw std::invalid_argument("scan_align: direction code must be 0, 1 or 2");
     }
@@ -263,13 +260,16 @@ struct Plan {
 #endif
   }
 
+  // The forward's tiles hold S^T [words, image tokens], the backward's S [image tokens, words].
+  bool transposed() const { return !backward; }
+
 #if HATK_CPU_AVX512
   void pack_panels() {
     const int64_t d = prob.d;
-    const Side& rs = transposed ? txt : img;
-    const Side& cs = transposed ? img : txt;
-    const std::vector<int64_t>& rb = transposed ? txt_blocks : img_blocks;
-    const std::vector<int64_t>& cb = transposed ? img_blocks : txt_blocks;
+    const Side& rs = transposed() ? txt : img;
+    const Side& cs = transposed() ? img : txt;
+    const std::vector<int64_t>& rb = transposed() ? txt_blocks : img_blocks;
+    const std::vector<int64_t>& cb = transposed() ? img_blocks : txt_blocks;
     const int64_t n_rb = static_cast<int64_t>(rb.size()) - 1;
     const int64_t n_cb = static_cast<int64_t>(cb.size()) - 1;
     strip_start.assign(n_cb + 1, 0);
@@ -372,7 +372,7 @@ Tile tile_of(const Plan& pl, int64_t t) {
 void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
   const int64_t d = pl.prob.d;
 #if HATK_CPU_AVX512
-  if (pl.transposed) {
+  if (pl.transposed()) {
     max_gemm::panel_gemm(pl.row_panel.get() + tile.w0 * d, tile.words,
                          pl.col_strips.get() + pl.strip_start[tile.ib], tile.rows, d, sim,
                          tile.rows);
@@ -385,7 +385,7 @@ void tile_similarities(const Plan& pl, const Tile& tile, float* sim) {
   const int64_t dp = pl.img.dp;
   const float* v = pl.img.tokens.get() + tile.r0 * dp;
   const float* t = pl.txt.tokens.get() + tile.w0 * dp;
-  if (pl.transposed) {
+  if (pl.transposed()) {
     gemm_nt(tile.words, tile.rows, d, t, dp, v, dp, sim, tile.rows);
   } else {
     gemm_nt(tile.rows, tile.words, d, v, dp, t, dp, sim, tile.words);
@@ -508,6 +508,12 @@ void backward_gemms(const Plan& pl, const Tile& tile, const Workspace& w) {
 #endif
 }
 
+// The workspace's dG of a tile's attended items, [len, pad(len)] each at its first token's row
+// (stride qp_max): captions (i2t) from w.dgram, then images (t2i).
+float* tile_dgram_img(const Plan& pl, const Tile& tile, const Workspace& w) {
+  return w.dgram.get() + (pl.i2t ? tile.words * w.qp_max : 0);
+}
+
 // A tile's input gradients, in the workspace: dimg [rows, Dp] and dtxt [words, Dp].
 void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* grad_out,
                     const Workspace& w, const PairScratch& scratch) {
@@ -520,9 +526,8 @@ void tile_gradients(const Plan& pl, const Tile& tile, float lam, const float* gr
   float* kimg = w.kimg.get();
   float* ktxt = w.ktxt.get();
   float* local = w.local.get();
-  // dG of the attended items, [len, pad(len)] each: captions (i2t) then images (t2i).
   float* dgram_txt = w.dgram.get();
-  float* dgram_img = dgram_txt + (pl.i2t ? tile.words * qpm : 0);
+  float* dgram_img = tile_dgram_img(pl, tile, w);
   const int64_t dgram_rows = (pl.i2t ? tile.words : 0) + (pl.t2i ? tile.rows : 0);
   tile_similarities(pl, tile, sim);
   std::memset(dimg, 0, static_cast<size_t>(tile.rows * dp) * 4);
@@ -619,7 +624,7 @@ struct ItemTerms {
 #pragma omp simd
           for (int64_t c = 0; c < d; ++c) rows[t * d + c] += kt * x[t * dp + c];
         }
-        if (s.gram_off[item] < 0 || s.gram_size == 0) continue;
+        if (s.gram_off[item] < 0) continue;
         const int64_t n = s.len[item];
         gemm_nn(n, d, n, dgram.get() + s.gram_off[item], pad_lanes(n), x, dp, rows, d, 2.f, 1.f);
       }
@@ -747,16 +752,14 @@ void scan_align_backward(const Problem& p, float lambda_softmax, const float* gr
     for (int64_t k = next_tile++; k < pl.n_tiles; k = next_tile++) {
       const Tile tile = tile_of(pl, order[k]);
       tile_gradients(pl, tile, lambda_softmax, grad_out, w, scratch);
-      const float* dgram_txt = w.dgram.get();
-      const float* dgram_img = dgram_txt + (pl.i2t ? tile.words * w.qp_max : 0);
       img_turns.wait(tile.ib, static_cast<int>(tile.jb));
       add_rows(pl.img, tile.i0, tile.i1, w.dimg.get(), p.m_max, grad_images);
-      img_terms.add(pl.img, tile.i0, tile.i1, w.kimg.get(), pl.t2i ? dgram_img : nullptr,
-                    w.qp_max);
+      img_terms.add(pl.img, tile.i0, tile.i1, w.kimg.get(),
+                    pl.t2i ? tile_dgram_img(pl, tile, w) : nullptr, w.qp_max);
       img_turns.pass(tile.ib);
       txt_turns.wait(tile.jb, static_cast<int>(tile.ib));
       add_rows(pl.txt, tile.j0, tile.j1, w.dtxt.get(), p.n_max, grad_texts);
-      txt_terms.add(pl.txt, tile.j0, tile.j1, w.ktxt.get(), pl.i2t ? dgram_txt : nullptr,
+      txt_terms.add(pl.txt, tile.j0, tile.j1, w.ktxt.get(), pl.i2t ? w.dgram.get() : nullptr,
                     w.qp_max);
       txt_turns.pass(tile.jb);
     }
