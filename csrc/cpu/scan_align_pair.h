@@ -97,6 +97,19 @@ __attribute__((noinline)) inline void half_gram_rows(const float* a, int64_t qp,
   for (int i = 0; i < R; ++i) store(lanes + i * kLanes, tot[i]);
 }
 
+// inv[c] = lambda / (sqrt(sumsq[c]) + eps), 16 columns at a time (n rounded up to 16: the
+// slack past n is computed too).
+inline void lambda_over_den(const float* sumsq, int64_t n, float lam, float* inv) {
+  for (int64_t c = 0; c < n; c += kLanes)
+    store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
+}
+
+// 16 rows' q_r = num_r / max(|x_r| sqrt(max(|c_r|^2, 0)), eps).
+inline V16 cosine_quotients(V16 num, V16 c2, V16 xnorm) {
+  const V16 prod = xnorm * vsqrt(c2 > 0.f ? c2 : splat(0.f));
+  return num / (prod > kEps ? prod : splat(kEps));
+}
+
 // Column statistics and the attention of every row; fills s.alpha, s.y (not in half mode),
 // num = s.row, c2 = s.row + p. Columns >= q get alpha = 0. The per-row sums (softmax
 // denominator, num, |c|^2) are kept as vectors and summed 16 rows at a time (row_sums).
@@ -128,8 +141,7 @@ inline void pair_attention(const float* P, int64_t p, int64_t q, int64_t qp,
   }
   const float neg_inf = -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < qp; ++c) bias[c] = c < q ? 0.f : neg_inf;
-  for (int64_t c = 0; c < qp; c += kLanes)
-    store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
+  lambda_over_den(sumsq, qp, lam, inv);
   // z = a * inv + bias: exactly a * inv on the q columns, -inf (exp: 0) on the padding.
   const auto z = [&](const float* pr, int64_t c) {
     return fmadd(leaky(load(pr + c)), load(inv + c), load(bias + c));
@@ -210,9 +222,7 @@ inline float pair_forward(const float* P, int64_t p, int64_t q, int64_t qp, cons
     std::memcpy(nm, num + r0, bytes);
     std::memcpy(cc, c2 + r0, bytes);
     std::memcpy(xn, xnorm + r0, bytes);
-    const V16 c = load(cc);
-    const V16 prod = load(xn) * vsqrt(c > 0.f ? c : splat(0.f));
-    total += load(nm) / (prod > kEps ? prod : splat(kEps));
+    total += cosine_quotients(load(nm), load(cc), load(xn));
   }
   return hsum(total);
 }
@@ -305,9 +315,7 @@ inline V16 lanes_strip(const float* Pt, int64_t pp, int64_t q, int64_t v0, int64
     const int64_t r0 = (v0 + k) * kLanes;
     float xn[kLanes] = {};
     std::memcpy(xn, xnorm + r0, static_cast<size_t>(std::min(kLanes, p - r0)) * 4);
-    const V16 cc = c2[k] + c2[k];
-    const V16 prod = load(xn) * vsqrt(cc > 0.f ? cc : splat(0.f));
-    const V16 qr = nm[k] * ir[k] / (prod > kEps ? prod : splat(kEps));
+    const V16 qr = cosine_quotients(nm[k] * ir[k], c2[k] + c2[k], load(xn));
     total += lanes_below(p - r0) ? qr : splat(0.f);
   }
   return total;
@@ -329,8 +337,7 @@ inline float pair_forward_lanes(const float* Pt, int64_t p, int64_t q, const flo
     store(s.lanes + c * kLanes, acc);
   }
   row_sums(s.lanes, q, sumsq);  // sumsq past q: slack, never used
-  for (int64_t c = 0; c < q; c += kLanes)
-    store(inv + c, splat(lam) / (vsqrt(load(sumsq + c)) + kEps));
+  lambda_over_den(sumsq, q, lam, inv);
   const float shift = std::fabs(lam);
   const bool fixed = shift <= kFixedShift;
   V16 total{};
