@@ -65,6 +65,13 @@ def _both_paths(monkeypatch, images, texts, il, tl, direction: str, mean: bool):
     return out["0"], out["1"]
 
 
+def _near_tied(count: int, g: torch.Generator) -> torch.Tensor:
+    """count images of 49 unit tokens, each image one random direction plus noise of 1e-4."""
+    base = torch.nn.functional.normalize(torch.randn(count, 1, 96, generator=g), dim=-1)
+    return torch.nn.functional.normalize(
+        base + 1e-4 * torch.randn(count, 49, 96, generator=g), dim=-1)
+
+
 def _assert_same_scores(plain: torch.Tensor, screened: torch.Tensor) -> None:
     assert torch.isfinite(screened).all()
     scale = float(plain.abs().max())
@@ -183,9 +190,7 @@ def test_data_that_defeats_screening_runs_the_float32_kernel(monkeypatch):
     """Every image one direction plus noise of 1e-4: nothing can be screened out, the probe
     tiles fall back and the whole call runs the float32 kernel (bit-identical to it)."""
     g = torch.Generator().manual_seed(9)
-    base = torch.nn.functional.normalize(torch.randn(24, 1, 96, generator=g), dim=-1)
-    noise = 1e-4 * torch.randn(24, 49, 96, generator=g)
-    images = torch.nn.functional.normalize(base + noise, dim=-1)
+    images = _near_tied(24, g)
     texts = torch.nn.functional.normalize(torch.randn(200, 32, 96, generator=g), dim=-1)
     il = torch.full((24,), 49)
     tl = torch.randint(8, 33, (200,), generator=g)
@@ -199,9 +204,7 @@ def test_tiles_that_fall_back_among_screened_ones(monkeypatch):
     kernel, bit-identical to it; the other images' scores come from the screened path."""
     g = torch.Generator().manual_seed(12)
     images = torch.nn.functional.normalize(torch.randn(297, 49, 96, generator=g), dim=-1)
-    base = torch.nn.functional.normalize(torch.randn(9, 1, 96, generator=g), dim=-1)
-    images[288:] = torch.nn.functional.normalize(
-        base + 1e-4 * torch.randn(9, 49, 96, generator=g), dim=-1)
+    images[288:] = _near_tied(9, g)
     texts = torch.nn.functional.normalize(torch.randn(20, 16, 96, generator=g), dim=-1)
     il = torch.full((297,), 49)
     tl = torch.randint(8, 17, (20,), generator=g)
