@@ -44,16 +44,21 @@ pytestmark = pytest.mark.skipif(
 DIRECTIONS = {"t2i": 0, "i2t": 1, "both": 2}
 
 
+def _nan_pad(images: torch.Tensor, texts: torch.Tensor, il: torch.Tensor,
+             tl: torch.Tensor) -> None:
+    """NaN past every item's length: padding is never read, so it must not reach a score."""
+    for x, lengths in ((images, il), (texts, tl)):
+        for b, k in enumerate(lengths.tolist()):
+            x[b, k:] = float("nan")
+
+
 def _inputs(seed: int, bi: int, bt: int, m: int, n: int, d: int):
     g = torch.Generator().manual_seed(seed)
     images = torch.nn.functional.normalize(torch.randn(bi, m, d, generator=g), dim=-1)
     texts = torch.nn.functional.normalize(torch.randn(bt, n, d, generator=g), dim=-1)
     il = torch.randint(1, m + 1, (bi,), generator=g)
     tl = torch.randint(1, n + 1, (bt,), generator=g)
-    # Padding is never read: NaN there must not reach a score.
-    for x, lengths in ((images, il), (texts, tl)):
-        for b, k in enumerate(lengths.tolist()):
-            x[b, k:] = float("nan")
+    _nan_pad(images, texts, il, tl)
     return images, texts, il, tl
 
 
@@ -223,9 +228,7 @@ def test_groups_that_straddle_row_blocks(monkeypatch):
     texts = torch.nn.functional.normalize(torch.randn(30, 12, 128, generator=g), dim=-1)
     il = torch.tensor([10, 10, 10, 5, 10, 10, 10, 8] * 2)
     tl = torch.randint(1, 13, (30,), generator=g)
-    for x, lengths in ((images, il), (texts, tl)):
-        for b, k in enumerate(lengths.tolist()):
-            x[b, k:] = float("nan")
+    _nan_pad(images, texts, il, tl)
     plain, screened = _both_paths(monkeypatch, images, texts, il, tl, "t2i", True)
     _assert_same_scores(plain, screened)
 
